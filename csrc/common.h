@@ -1,0 +1,16 @@
+// Macros shared by the host (CPU) and device (CUDA) compilations of the math headers.
+#pragma once
+
+#if defined(__CUDACC__)
+#define SOFTMIX_HD __host__ __device__ __forceinline__
+#else
+#define SOFTMIX_HD inline
+#endif
+
+// Reductions over contiguous rows vectorise only if the compiler may reorder the sum;
+// `omp simd reduction` grants that for one loop (needs -fopenmp-simd, no OpenMP runtime).
+#if defined(SOFTMIX_OPENMP_SIMD) && !defined(__CUDACC__)
+#define SOFTMIX_SIMD_SUM(var) _Pragma("omp simd reduction(+ : var)")
+#else
+#define SOFTMIX_SIMD_SUM(var)
+#endif

@@ -1,0 +1,261 @@
+"""The fused SMD operators: thin wrappers over ``torch.ops.softmix``.
+
+This is the only module that knows about the compiled extension. Importing it loads
+``softmix._C``, whose static initialisers register the operator schemas and the CPU (and,
+when built, CUDA) kernels with the dispatcher. Here we add what the dispatcher needs from
+Python: fake (meta) kernels so ``torch.compile`` can trace the ops, and autograd formulas
+that call the fused backward kernels.
+
+Each operator is reachable both as ``softmix.ops.<name>`` and ``torch.ops.softmix.<name>``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from softmix import _C  # noqa: F401  (registers torch.ops.softmix.*)
+
+__all__ = ["latent_transform", "mc_loss", "denoise_step", "cuda_kernels_built"]
+
+BOUNDS = ("jensen", "logmeanexp")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def cuda_kernels_built() -> bool:
+    """Whether this build of softmix carries the CUDA kernels."""
+    return bool(_C.cuda_kernels_built())
+
+
+# --------------------------------------------------------------------------------------
+# latent_transform
+# --------------------------------------------------------------------------------------
+
+
+def latent_transform(r: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Apply the chain of rank-one-plus-scaled-identity maps of the SMD head.
+
+    ``y_0 = r``, ``y_l = (v_l v_l^T + s_l I) y_{l-1} = v_l <v_l, y_{l-1}> + s_l y_{l-1}``,
+    returns ``y_L``. The ``D x D`` matrices are never formed: O(L D) work per position.
+
+    Args:
+        r: ``(N, D)`` projected features, one row per position.
+        v: ``(L, N, D)`` one vector per layer and position (from the hypernetwork).
+        s: ``(L,)`` one scale per layer, or ``(L, N)`` one per layer and position.
+
+    Returns:
+        ``(N, D)``, the dtype of ``r``. Differentiable in ``r``, ``v`` and ``s``.
+    """
+    return torch.ops.softmix.latent_transform(r, v, s)
+
+
+@torch.library.register_fake("softmix::latent_transform")
+def _(r, v, s):
+    torch._check(v.dim() == 3 and r.dim() == 2, lambda: "latent_transform: r must be (N, D), v (L, N, D)")
+    return r.new_empty(r.shape)
+
+
+@torch.library.register_fake("softmix::latent_transform_backward")
+def _(grad_y, r, v, s):
+    return r.new_empty(r.shape), v.new_empty(v.shape), s.new_empty(s.shape)
+
+
+def _latent_transform_setup(ctx, inputs, output):
+    r, v, s = inputs
+    ctx.save_for_backward(r, v, s)
+
+
+def _latent_transform_backward(ctx, grad_y):
+    r, v, s = ctx.saved_tensors
+    grad_r, grad_v, grad_s = torch.ops.softmix.latent_transform_backward(grad_y, r, v, s)
+    needs = ctx.needs_input_grad
+    return (grad_r if needs[0] else None, grad_v if needs[1] else None, grad_s if needs[2] else None)
+
+
+torch.library.register_autograd(
+    "softmix::latent_transform", _latent_transform_backward, setup_context=_latent_transform_setup
+)
+
+
+# --------------------------------------------------------------------------------------
+# mc_loss
+# --------------------------------------------------------------------------------------
+
+
+def mc_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor,
+    bound: str = "jensen",
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The Monte Carlo SMD loss, one value per example.
+
+    With ``e[m, b] = mean_S (pred[m, b] - target[b])^2``:
+
+    - ``bound="jensen"``: ``loss[b] = weight[b] * mean_m e[m, b]`` (the paper's bound);
+    - ``bound="logmeanexp"``: ``loss[b] = -T log mean_m exp(-weight[b] e[m, b] / T)``, the
+      importance-weighted bound. It equals ``"jensen"`` for ``M = 1`` and never exceeds it.
+
+    Args:
+        pred: ``(M, B, *S)`` M Monte Carlo samples of the model's prediction.
+        target: ``(B, *S)`` what the prediction should match (the noise, ``v`` or ``x0``).
+        weight: ``(B,)`` per-example weight ``w_t``.
+        bound: ``"jensen"`` or ``"logmeanexp"``.
+        temperature: ``T > 0`` of the ``"logmeanexp"`` bound.
+
+    Returns:
+        ``(B,)`` in float32 for half inputs, else the dtype of ``pred``. Differentiable in
+        ``pred``, ``target`` and ``weight``.
+    """
+    return torch.ops.softmix.mc_loss(pred, target, weight, bound, float(temperature))
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@torch.library.register_fake("softmix::mc_loss")
+def _(pred, target, weight, bound, temperature):
+    torch._check(pred.dim() >= 2, lambda: "mc_loss: pred must be (M, B, *S)")
+    return pred.new_empty((pred.shape[1],), dtype=_loss_dtype(pred.dtype))
+
+
+@torch.library.register_fake("softmix::mc_loss_backward")
+def _(grad_loss, pred, target, weight, bound, temperature):
+    return pred.new_empty(pred.shape), target.new_empty(target.shape), weight.new_empty(weight.shape)
+
+
+def _mc_loss_setup(ctx, inputs, output):
+    pred, target, weight, bound, temperature = inputs
+    ctx.save_for_backward(pred, target, weight)
+    ctx.bound, ctx.temperature = bound, temperature
+
+
+def _mc_loss_backward(ctx, grad_loss):
+    pred, target, weight = ctx.saved_tensors
+    grad_pred, grad_target, grad_weight = torch.ops.softmix.mc_loss_backward(
+        grad_loss, pred, target, weight, ctx.bound, ctx.temperature
+    )
+    needs = ctx.needs_input_grad
+    return (
+        grad_pred if needs[0] else None,
+        grad_target if needs[1] else None,
+        grad_weight if needs[2] else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("softmix::mc_loss", _mc_loss_backward, setup_context=_mc_loss_setup)
+
+
+# --------------------------------------------------------------------------------------
+# denoise_step
+# --------------------------------------------------------------------------------------
+
+
+def denoise_step(
+    x_t: torch.Tensor,
+    model_output: torch.Tensor,
+    alpha_bar_t: torch.Tensor,
+    alpha_bar_prev: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    eta: float = 1.0,
+    prediction_type: str = "epsilon",
+    clip_sample: float | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One backward diffusion step, DDPM (``eta=1``) to DDIM (``eta=0``), fused.
+
+    With ``a = alpha_bar_t[b]``, ``a' = alpha_bar_prev[b]`` per sample::
+
+        x0     = from the prediction (epsilon | v_prediction | sample), clipped to
+                 [-clip_sample, clip_sample] when given
+        eps    = (x_t - sqrt(a) x0) / sqrt(1 - a)
+        sigma  = eta * sqrt((1 - a') / (1 - a) * (1 - a / a'))
+        x_prev = sqrt(a') x0 + sqrt(1 - a' - sigma^2) eps + sigma * noise
+
+    ``eta = 1`` is DDPM ancestral sampling with the "fixed_small" variance, ``eta = 0`` DDIM.
+    Every sample may sit at its own step, so any respaced schedule works.
+
+    Args:
+        x_t: ``(B, *S)`` the current state.
+        model_output: ``(B, *S)`` the denoiser's prediction, same dtype as ``x_t``.
+        alpha_bar_t, alpha_bar_prev: ``(B,)`` cumulative alphas at this and the next step,
+            ``0 < alpha_bar_t <= alpha_bar_prev <= 1``.
+        noise: ``(B, *S)`` standard normal noise. When ``None`` and ``eta != 0`` this wrapper
+            draws it (with ``generator``); the raw ``torch.ops.softmix.denoise_step`` takes
+            ``None`` to mean "no noise" (the mean of the step), since an op must be pure.
+        eta: the DDIM ``eta``.
+        prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        clip_sample: clip ``x0`` to ``[-clip_sample, clip_sample]``; ``None`` to not clip.
+
+    Returns:
+        ``(x_prev, x0_pred)``, both ``(B, *S)``. Differentiable in ``x_t``,
+        ``model_output`` and ``noise``.
+    """
+    if noise is None and eta != 0:
+        noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device)
+    return torch.ops.softmix.denoise_step(
+        x_t,
+        model_output,
+        alpha_bar_t,
+        alpha_bar_prev,
+        noise,
+        float(eta),
+        prediction_type,
+        None if clip_sample is None else float(clip_sample),
+    )
+
+
+@torch.library.register_fake("softmix::denoise_step")
+def _(x_t, model_output, alpha_bar_t, alpha_bar_prev, noise, eta, prediction_type, clip_sample):
+    return x_t.new_empty(x_t.shape), x_t.new_empty(x_t.shape)
+
+
+@torch.library.register_fake("softmix::denoise_step_backward")
+def _(grad_x_prev, grad_x0, x_t, model_output, alpha_bar_t, alpha_bar_prev, eta, prediction_type, clip_sample):
+    return x_t.new_empty(x_t.shape), x_t.new_empty(x_t.shape), x_t.new_empty(x_t.shape)
+
+
+def _denoise_step_setup(ctx, inputs, output):
+    x_t, model_output, alpha_bar_t, alpha_bar_prev, noise, eta, prediction_type, clip_sample = inputs
+    ctx.save_for_backward(x_t, model_output, alpha_bar_t, alpha_bar_prev)
+    ctx.eta, ctx.prediction_type, ctx.clip_sample = eta, prediction_type, clip_sample
+    ctx.has_noise = noise is not None
+
+
+def _denoise_step_backward(ctx, grad_x_prev, grad_x0):
+    x_t, model_output, alpha_bar_t, alpha_bar_prev = ctx.saved_tensors
+    if grad_x_prev is None:
+        grad_x_prev = torch.zeros_like(x_t)
+    if grad_x0 is None:
+        grad_x0 = torch.zeros_like(x_t)
+    grad_x_t, grad_model_output, grad_noise = torch.ops.softmix.denoise_step_backward(
+        grad_x_prev,
+        grad_x0,
+        x_t,
+        model_output,
+        alpha_bar_t,
+        alpha_bar_prev,
+        ctx.eta,
+        ctx.prediction_type,
+        ctx.clip_sample,
+    )
+    needs = ctx.needs_input_grad
+    return (
+        grad_x_t if needs[0] else None,
+        grad_model_output if needs[1] else None,
+        None,  # the schedule is not differentiated through
+        None,
+        grad_noise if ctx.has_noise and needs[4] else None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "softmix::denoise_step", _denoise_step_backward, setup_context=_denoise_step_setup
+)
