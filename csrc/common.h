@@ -10,7 +10,8 @@
 // Reductions over contiguous rows vectorise only if the compiler may reorder the sum;
 // `omp simd reduction` grants that for one loop (needs -fopenmp-simd, no OpenMP runtime).
 #if defined(SOFTMIX_OPENMP_SIMD) && !defined(__CUDACC__)
-#define SOFTMIX_SIMD_SUM(var) _Pragma("omp simd reduction(+ : var)")
+#define SOFTMIX_PRAGMA(text) _Pragma(#text)
+#define SOFTMIX_SIMD_SUM(var) SOFTMIX_PRAGMA(omp simd reduction(+ : var))
 #else
 #define SOFTMIX_SIMD_SUM(var)
 #endif
