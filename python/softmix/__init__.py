@@ -1,7 +1,26 @@
 """softmix: Soft Mixture Denoising (SMD, ICLR 2024) for any PyTorch diffusion model."""
 
 from softmix import ops, reference
+from softmix.ema import EMA
+from softmix.head import ConvIdentifier, MLPIdentifier, SMDHead
+from softmix.loss import training_loss
+from softmix.sampling import sample
+from softmix.schedule import NoiseSchedule
+from softmix.wrap import SMD, find_injection_points
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "__version__"]
+__all__ = [
+    "ops",
+    "reference",
+    "NoiseSchedule",
+    "SMD",
+    "SMDHead",
+    "ConvIdentifier",
+    "MLPIdentifier",
+    "find_injection_points",
+    "training_loss",
+    "sample",
+    "EMA",
+    "__version__",
+]

@@ -1,0 +1,121 @@
+"""Built-in data: 2-D Gaussian mixtures (grid, ring), scikit-learn's 8x8 digits, a folder of
+images. Everything is generated or shipped with a package: nothing is downloaded.
+
+All data are scaled to roughly ``[-1, 1]`` (what diffusion models expect).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["GaussianMixture", "gmm", "digits", "image_folder", "load_data", "DATA_NAMES", "IMAGE_SUFFIXES"]
+
+DATA_NAMES = ("gmm", "gmm-ring", "digits")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class GaussianMixture:
+    """An equal-weight mixture of isotropic Gaussians ``N(means[k], std^2 I)``.
+
+    ``means``: ``(K, F)``.
+    """
+
+    means: torch.Tensor
+    std: float
+
+    @property
+    def num_modes(self) -> int:
+        return self.means.shape[0]
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        k = torch.randint(0, self.num_modes, (n,), generator=generator)
+        return self.means[k] + self.std * torch.randn(n, self.means.shape[1], generator=generator)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, F) -> (N,)`` log-density of the mixture."""
+        f = self.means.shape[1]
+        d2 = torch.cdist(x.double(), self.means.double()).square()  # (N, K)
+        log_comp = -0.5 * d2 / self.std**2 - f * math.log(self.std * math.sqrt(2 * math.pi))
+        return (torch.logsumexp(log_comp, dim=1) - math.log(self.num_modes)).float()
+
+
+def gmm(kind: str = "grid", modes: int | None = None, std: float | None = None, dims: int = 2) -> GaussianMixture:
+    """The toy mixtures. ``grid``: a ``k x k`` grid on ``[-1, 1]^2`` (default 7x7 = 49 modes,
+    the paper's toy); ``ring``: ``modes`` points on the unit circle (default 8).
+    ``std`` defaults to a sixth of the distance between neighbouring modes."""
+    if kind == "grid":
+        modes = 49 if modes is None else modes
+        k = int(round(math.sqrt(modes)))
+        if k * k != modes or k < 2:
+            raise ValueError(f"a grid mixture needs a square number of modes >= 4, got {modes}")
+        axis = torch.linspace(-1, 1, k)
+        means = torch.cartesian_prod(axis, axis)
+        spacing = 2 / (k - 1)
+    elif kind == "ring":
+        modes = 8 if modes is None else modes
+        if modes < 2:
+            raise ValueError(f"a ring mixture needs at least 2 modes, got {modes}")
+        angle = torch.arange(modes) * 2 * math.pi / modes
+        means = torch.stack([angle.cos(), angle.sin()], dim=1)
+        spacing = 2 * math.sin(math.pi / modes)
+    else:
+        raise ValueError(f"unknown mixture kind {kind!r}; expected 'grid' or 'ring'")
+    if dims != 2:
+        raise ValueError("the built-in mixtures are 2-D")
+    return GaussianMixture(means.float(), spacing / 6 if std is None else float(std))
+
+
+def digits() -> torch.Tensor:
+    """scikit-learn's 8x8 digits (1797 images, shipped with scikit-learn), ``(N, 1, 8, 8)`` in
+    ``[-1, 1]``."""
+    from sklearn.datasets import load_digits
+
+    images = torch.from_numpy(load_digits().images).float()  # values 0..16
+    return (images / 8.0 - 1.0).unsqueeze(1)
+
+
+def image_folder(path: str | Path, size: int = 32, channels: int = 3) -> torch.Tensor:
+    """Every image under ``path`` (recursively), resized to ``size x size``: ``(N, C, size, size)``
+    in ``[-1, 1]``. ``channels``: 1 (grey) or 3 (RGB)."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"image folder {path} does not exist or is not a directory")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ValueError(f"image folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BICUBIC)
+                t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).float()
+        except OSError as err:
+            raise ValueError(f"cannot read image {f}: {err}") from err
+        out.append(t.reshape(size, size, channels).permute(2, 0, 1))
+    return torch.stack(out) / 127.5 - 1.0
+
+
+def load_data(name: str, n: int = 10000, generator: torch.Generator | None = None, image_size: int = 32,
+              channels: int = 3) -> tuple[torch.Tensor, GaussianMixture | None]:
+    """``(data, mixture)`` for a built-in name or an image folder path. ``mixture`` is the
+    true distribution for the toys (used by the metrics), else ``None``."""
+    if name in ("gmm", "gmm-grid"):
+        mix = gmm("grid")
+        return mix.sample(n, generator), mix
+    if name == "gmm-ring":
+        mix = gmm("ring")
+        return mix.sample(n, generator), mix
+    if name == "digits":
+        return digits(), None
+    if Path(name).exists():
+        return image_folder(name, size=image_size, channels=channels), None
+    raise ValueError(f"unknown data {name!r}: expected one of {DATA_NAMES} or an existing image folder")

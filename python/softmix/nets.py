@@ -1,0 +1,96 @@
+"""Small built-in denoisers for the command line and the tests.
+
+``MLPDenoiser`` for vectors (the Gaussian-mixture toys), ``ConvDenoiser`` for small images
+(8x8 digits, a folder of images). Both are called as ``net(x_t, t)`` and predict a tensor of
+the shape of ``x_t``. Their first and last registered layers are the input and output
+projections, so ``SMD``'s automatic injection points land where DESIGN.md puts them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from softmix.head import timestep_embedding
+
+__all__ = ["MLPDenoiser", "ConvDenoiser", "build_backbone"]
+
+
+class MLPDenoiser(nn.Module):
+    """``(B, F), (B,) -> (B, F)``: residual MLP with a sinusoidal time embedding."""
+
+    def __init__(self, features: int = 2, hidden: int = 128, layers: int = 3, time_dim: int = 32):
+        super().__init__()
+        self.features, self.hidden, self.layers, self.time_dim = features, hidden, layers, time_dim
+        self.in_proj = nn.Linear(features, hidden)  # first Linear: SMD's input injection point
+        self.time = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+            for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(hidden)
+        self.out_proj = nn.Linear(hidden, features)  # last Linear: SMD's output injection point
+
+    def spec(self) -> dict:
+        return {"type": "mlp", "features": self.features, "hidden": self.hidden, "layers": self.layers, "time_dim": self.time_dim}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        h = self.in_proj(x) + self.time(timestep_embedding(t, self.time_dim).to(x.dtype))
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out_proj(F.silu(self.norm(h)))
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, channels: int, time_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.temb = nn.Linear(time_channels, channels)
+        self.norm2 = nn.GroupNorm(groups, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        r = self.conv1(F.silu(self.norm1(h))) + self.temb(temb)[:, :, None, None]
+        r = self.conv2(F.silu(self.norm2(r)))
+        return h + r
+
+
+class ConvDenoiser(nn.Module):
+    """``(B, C, H, W), (B,) -> (B, C, H, W)``: a small all-convolutional residual net
+    (no down-sampling: meant for tiny images such as 8x8 digits)."""
+
+    def __init__(self, channels: int = 1, hidden: int = 64, blocks: int = 3, time_dim: int = 64, groups: int = 8):
+        super().__init__()
+        self.channels, self.hidden, self.blocks_n, self.time_dim, self.groups = channels, hidden, blocks, time_dim, groups
+        self.conv_in = nn.Conv2d(channels, hidden, 3, padding=1)  # first conv
+        self.time = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.blocks = nn.ModuleList(_ResBlock(hidden, hidden, groups) for _ in range(blocks))
+        self.norm_out = nn.GroupNorm(groups, hidden)
+        self.conv_out = nn.Conv2d(hidden, channels, 3, padding=1)  # last conv
+
+    def spec(self) -> dict:
+        return {"type": "conv", "channels": self.channels, "hidden": self.hidden, "blocks": self.blocks_n,
+                "time_dim": self.time_dim, "groups": self.groups}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        temb = self.time(timestep_embedding(t, self.time_dim).to(x.dtype))
+        h = self.conv_in(x)
+        for block in self.blocks:
+            h = block(h, temb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def build_backbone(config: dict) -> nn.Module:
+    """Rebuild a built-in backbone from its ``spec()``."""
+    config = dict(config)
+    kind = config.pop("type")
+    if kind == "mlp":
+        return MLPDenoiser(**config)
+    if kind == "conv":
+        config["blocks"] = config.pop("blocks")
+        return ConvDenoiser(**config)
+    raise ValueError(f"unknown backbone type {kind!r}")
