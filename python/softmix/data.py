@@ -47,7 +47,7 @@ class GaussianMixture:
 def gmm(kind: str = "grid", modes: int | None = None, std: float | None = None, dims: int = 2) -> GaussianMixture:
     """The toy mixtures. ``grid``: a ``k x k`` grid on ``[-1, 1]^2`` (default 7x7 = 49 modes,
     the paper's toy); ``ring``: ``modes`` points on the unit circle (default 8).
-    ``std`` defaults to a sixth of the distance between neighbouring modes."""
+    ``std`` defaults to a tenth of the distance between neighbouring modes."""
     if kind == "grid":
         modes = 49 if modes is None else modes
         k = int(round(math.sqrt(modes)))
@@ -67,7 +67,7 @@ def gmm(kind: str = "grid", modes: int | None = None, std: float | None = None, 
         raise ValueError(f"unknown mixture kind {kind!r}; expected 'grid' or 'ring'")
     if dims != 2:
         raise ValueError("the built-in mixtures are 2-D")
-    return GaussianMixture(means.float(), spacing / 6 if std is None else float(std))
+    return GaussianMixture(means.float(), spacing / 10 if std is None else float(std))
 
 
 def digits() -> torch.Tensor:

@@ -1,0 +1,7 @@
+"""``python -m softmix``: see ``softmix.cli``."""
+
+import sys
+
+from softmix.cli import main
+
+sys.exit(main())

@@ -1,0 +1,326 @@
+"""``python -m softmix`` / ``softmix``: train, sample and compare on built-in data.
+
+    softmix train   --data gmm --iters 2000 --out runs/smd
+    softmix sample  --checkpoint runs/smd --num 2000 --steps 10 --out samples.png
+    softmix compare --data gmm --iters 2000 --sample-steps 4,10 --out runs/compare
+
+``--data`` is ``gmm`` (7x7 grid of Gaussians, the paper's toy), ``gmm-ring`` (8 on a circle),
+``digits`` (scikit-learn's 8x8 digits) or a folder of images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _steps_list(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step counts such as 4,10, got {text!r}") from None
+    if not steps or any(s < 1 for s in steps):
+        raise argparse.ArgumentTypeError(f"expected positive step counts, got {text!r}")
+    return steps
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from softmix.loss import BOUNDS
+    from softmix.schedule import PREDICTION_TYPES, SCHEDULE_KINDS
+
+    p.add_argument("--data", default="gmm", help="gmm | gmm-ring | digits | a folder of images (default gmm)")
+    p.add_argument("--iters", type=_positive_int, default=2000, help="training steps (default 2000)")
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--num-steps", type=_positive_int, default=1000, help="diffusion steps T of the training schedule")
+    p.add_argument("--schedule", choices=SCHEDULE_KINDS, default="linear")
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="epsilon")
+    p.add_argument("--latent-dim", type=_positive_int, default=16, help="SMD latent size D")
+    p.add_argument("--hyper-layers", type=_positive_int, default=2, help="SMD head layers L")
+    p.add_argument("--inject", default="auto", help="auto | output | input | comma-separated module names")
+    p.add_argument("--num-samples", type=_positive_int, default=None, help="Monte Carlo samples M of eta")
+    p.add_argument("--bound", choices=BOUNDS, default=None, help="training bound (default: the library's)")
+    p.add_argument("--temperature", type=_positive_float, default=1.0)
+    p.add_argument("--ema-decay", type=float, default=0.995)
+    p.add_argument("--hidden", type=_positive_int, default=128, help="backbone width")
+    p.add_argument("--layers", type=_positive_int, default=3, help="backbone depth")
+    p.add_argument("--num-data", type=_positive_int, default=20000, help="training points drawn from the toy mixtures")
+    p.add_argument("--image-size", type=_positive_int, default=32, help="image folders are resized to this")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="image folders: 1 grey or 3 RGB")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_sample_args(p: argparse.ArgumentParser, many: bool = False) -> None:
+    from softmix.sampling import METHODS
+
+    if many:
+        p.add_argument("--sample-steps", type=_steps_list, default=[4, 10],
+                       help="comma-separated sampling step counts (default 4,10)")
+    else:
+        p.add_argument("--steps", type=_positive_int, default=10, help="sampling steps (respaced)")
+    p.add_argument("--method", choices=tuple(METHODS), default="ddpm")
+    p.add_argument("--num", type=_positive_int, default=2000, help="number of samples")
+    p.add_argument("--clip-sample", type=_positive_float, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="softmix",
+        description="Soft Mixture Denoising (SMD) for diffusion models: train, sample, compare.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,compare}")
+    sub.required = True
+
+    p = sub.add_parser("train", help="train an SMD (or --plain) model and write a checkpoint")
+    _add_train_args(p)
+    p.add_argument("--plain", action="store_true", help="train the plain model (no SMD head)")
+    p.add_argument("--out", required=True, help="checkpoint directory")
+    p.add_argument("--save-every", type=_positive_int, default=None, help="also checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+
+    p = sub.add_parser("sample", help="draw samples from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="directory written by `softmix train`")
+    _add_sample_args(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights, not their EMA")
+    p.add_argument("--out", required=True, help="output file: .png (plot), .pt or .npy (tensor)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("compare", help="train SMD and the plain model with the same budget; write a PNG and metrics")
+    _add_train_args(p)
+    _add_sample_args(p, many=True)
+    p.add_argument("--out", required=True, help="output directory (compare.png, metrics.md, metrics.json, checkpoints)")
+    return parser
+
+
+# ---------------------------------------------------------------------- validation
+
+
+def _check_data(parser: argparse.ArgumentParser, args) -> None:
+    from softmix.data import DATA_NAMES, IMAGE_SUFFIXES
+
+    if args.data in DATA_NAMES or args.data == "gmm-grid":
+        return
+    path = Path(args.data)
+    if not path.exists():
+        parser.error(f"unknown data {args.data!r}: expected one of {', '.join(DATA_NAMES)} or an image folder")
+    if not path.is_dir():
+        parser.error(f"--data {args.data!r} is a file; expected a folder of images")
+    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file()):
+        parser.error(f"image folder {args.data!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+
+
+def _config_from_args(args, smd: bool):
+    from softmix.train import TrainConfig
+
+    inject = args.inject
+    if "," in inject:
+        inject = [s.strip() for s in inject.split(",") if s.strip()]
+    return TrainConfig(
+        data=args.data, iters=args.iters, batch_size=args.batch_size, lr=args.lr,
+        num_steps=args.num_steps, schedule=args.schedule, prediction_type=args.prediction_type,
+        smd=smd, latent_dim=args.latent_dim, hyper_layers=args.hyper_layers, inject=inject,
+        num_samples=args.num_samples, bound=args.bound, temperature=args.temperature,
+        ema_decay=args.ema_decay, seed=args.seed, hidden=args.hidden, layers=args.layers,
+        num_data=args.num_data, image_size=args.image_size, channels=args.channels, device=args.device,
+    )
+
+
+def _check_train(parser, args) -> None:
+    _check_data(parser, args)
+    if not 0.0 <= args.ema_decay <= 1.0:
+        parser.error(f"--ema-decay must lie in [0, 1], got {args.ema_decay}")
+    if args.device != "cpu":
+        import torch
+
+        try:
+            torch.empty(0, device=args.device)
+        except (RuntimeError, AssertionError) as err:
+            parser.error(f"--device {args.device!r} is not usable here: {err}")
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def _build_trainer(parser, cfg):
+    from softmix.train import Trainer
+
+    try:
+        return Trainer(cfg)
+    except ValueError as err:  # bad injection names, unreadable images, ...
+        parser.error(str(err))
+
+
+def cmd_train(parser, args) -> int:
+    from softmix.checkpoint import CheckpointError
+    from softmix.train import Trainer
+
+    _check_train(parser, args)
+    out = Path(args.out)
+    if args.resume:
+        try:
+            trainer = Trainer.resume(out)
+        except CheckpointError as err:
+            parser.error(f"--resume: {err}")
+        trainer.cfg.iters = args.iters
+    else:
+        trainer = _build_trainer(parser, _config_from_args(args, smd=not args.plain))
+    callback = None
+    if args.save_every:
+        def callback(tr):
+            if tr.step % args.save_every == 0:
+                tr.save(out)
+    start = time.time()
+    losses = trainer.train(progress=not args.no_progress, callback=callback)
+    trainer.save(out)
+    tail = losses[-min(50, len(losses)):] if losses else [float("nan")]
+    print(f"trained {'SMD' if trainer.cfg.smd else 'plain'} model for {trainer.step} steps in "
+          f"{time.time() - start:.1f}s; final loss {sum(tail) / len(tail):.4f}; checkpoint: {out}")
+    return 0
+
+
+def _draw(model, schedule, shape, steps, method, seed, num, progress, clip_sample, device="cpu"):
+    import torch
+
+    from softmix.sampling import sample
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    return sample(model, schedule, (num, *shape), steps=steps, method=method, generator=g,
+                  progress=progress, clip_sample=clip_sample, device=device)
+
+
+def cmd_sample(parser, args) -> int:
+    import torch
+
+    from softmix.checkpoint import CheckpointError
+    from softmix.train import load_trained
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".pt", ".npy"):
+        parser.error(f"--out must end in .png, .pt or .npy, got {args.out!r}")
+    try:
+        model, schedule, cfg, shape = load_trained(args.checkpoint, ema=not args.no_ema, device=args.device)
+    except CheckpointError as err:
+        parser.error(str(err))
+    if args.steps > schedule.num_steps:
+        parser.error(f"--steps {args.steps} is larger than the model's schedule ({schedule.num_steps} steps)")
+    x = _draw(model, schedule, shape, args.steps, args.method, args.seed, args.num, not args.no_progress,
+              args.clip_sample, args.device).cpu()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".pt":
+        torch.save(x, out)
+    elif out.suffix.lower() == ".npy":
+        import numpy as np
+
+        np.save(out, x.numpy())
+    else:
+        from softmix.plots import plot_panels
+
+        plot_panels([(f"{'SMD' if cfg.smd else 'plain'}, {args.steps} steps ({args.method})", x)], out)
+    print(f"wrote {args.num} samples to {out}")
+    return 0
+
+
+def cmd_compare(parser, args) -> int:
+    import torch
+
+    from softmix.metrics import mixture_metrics, mmd
+    from softmix.plots import plot_compare
+
+    _check_train(parser, args)
+    for s in args.sample_steps:
+        if s > args.num_steps:
+            parser.error(f"--sample-steps {s} is larger than the schedule's --num-steps {args.num_steps}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+    results, panels, timings = {}, {}, {}
+    data = mixture = None
+    for name, smd in (("plain", False), ("SMD", True)):
+        trainer = _build_trainer(parser, _config_from_args(args, smd=smd))
+        start = time.time()
+        trainer.train(progress=progress)
+        timings[name] = time.time() - start
+        trainer.save(out / name.lower())
+        data, mixture = trainer.data.cpu(), trainer.mixture
+        model = trainer.ema_model()
+        shape = tuple(data.shape[1:])
+        for steps in args.sample_steps:
+            x = _draw(model, trainer.schedule, shape, steps, args.method, args.seed, args.num, progress,
+                      args.clip_sample, args.device).cpu()
+            panels[(name, steps)] = x
+            ref_gen = torch.Generator().manual_seed(args.seed + 12345)
+            if mixture is not None:
+                reference = mixture.sample(args.num, ref_gen)
+                m = mixture_metrics(x, mixture, reference)
+            else:
+                idx = torch.randperm(data.shape[0], generator=ref_gen)[: args.num]
+                m = {"mmd": mmd(x, data[idx], bandwidths=(1.0, 2.0, 5.0, 10.0))}
+            m["finite"] = bool(torch.isfinite(x).all())
+            results.setdefault(name, {})[str(steps)] = m
+    plot_compare(data, panels, args.sample_steps, out / "compare.png", title=f"{args.data}: plain vs SMD ({args.method})")
+    meta = {"data": args.data, "iters": args.iters, "method": args.method, "num_samples_drawn": args.num,
+            "train_seconds": timings, "config": asdict(_config_from_args(args, smd=True)), "metrics": results}
+    (out / "metrics.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    table = _markdown_table(results, args.sample_steps)
+    (out / "metrics.md").write_text(
+        f"# plain vs SMD on {args.data}\n\n{args.iters} training steps each, T = {args.num_steps}, "
+        f"{args.num} samples, {args.method} sampling.\n\n{table}\n")
+    print(table)
+    print(f"wrote {out / 'compare.png'}, {out / 'metrics.md'}, {out / 'metrics.json'}")
+    return 0
+
+
+def _markdown_table(results: dict, steps_list) -> str:
+    keys = [k for k in ("mmd", "high_quality", "modes_covered", "nll") if k in results["plain"][str(steps_list[0])]]
+    header = "| model | steps | " + " | ".join(keys) + " |"
+    lines = [header, "|" + "---|" * (len(keys) + 2)]
+    for steps in steps_list:
+        for name in ("plain", "SMD"):
+            m = results[name][str(steps)]
+            cells = []
+            for k in keys:
+                v = m[k]
+                cells.append(f"{v}/{m['num_modes']}" if k == "modes_covered" else f"{v:.4g}")
+            lines.append(f"| {name} | {steps} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    commands = {"train": cmd_train, "sample": cmd_sample, "compare": cmd_compare}
+    return commands[args.command](parser, args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
