@@ -1,0 +1,69 @@
+// How threads on the GPU share one row of the math headers (see math/latent_transform.h).
+#pragma once
+
+
+// Only c10's CUDA headers: ATen/cuda/CUDAContext.h pulls in cuBLAS and cuSPARSE, which a
+// bare nvcc install (the compile check on CPU-only machines) does not have.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace softmix::cuda {
+
+constexpr int kWarpSize = 32;
+constexpr int kThreadsPerBlock = 256;
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T x) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// A warp shares one row: lane i owns coordinates i, i + 32, i + 64, ...
+struct WarpLanes {
+  int lane;
+  __device__ int64_t first() const { return lane; }
+  __device__ static constexpr int64_t step() { return kWarpSize; }
+  template <typename T>
+  __device__ T sum(T partial) const { return warp_sum(partial); }
+  __device__ bool is_leader() const { return lane == 0; }
+  __device__ void sync() const { __syncwarp(); }
+};
+
+// A block shares one row; `buffer` is shared memory with one slot per warp.
+template <typename acc_t>
+struct BlockLanes {
+  acc_t* buffer;
+  __device__ int64_t first() const { return threadIdx.x; }
+  __device__ int64_t step() const { return blockDim.x; }
+  __device__ acc_t sum(acc_t partial) const {
+    partial = warp_sum(partial);
+    __syncthreads();  // every thread has read the buffer of the previous sum
+    if (threadIdx.x % kWarpSize == 0) buffer[threadIdx.x / kWarpSize] = partial;
+    __syncthreads();
+    acc_t total = 0;
+    for (int w = 0; w < static_cast<int>(blockDim.x / kWarpSize); ++w) total += buffer[w];
+    return total;
+  }
+  __device__ bool is_leader() const { return threadIdx.x == 0; }
+  __device__ void sync() const { __syncthreads(); }
+};
+
+inline int64_t multiprocessor_count() {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  return count;
+}
+
+// Enough blocks to fill the GPU several times over; kernels loop when there is more work.
+inline int64_t blocks_for(int64_t work_items, int64_t items_per_block, int64_t blocks_per_sm = 16) {
+  const int64_t needed = (work_items + items_per_block - 1) / items_per_block;
+  const int64_t cap = multiprocessor_count() * blocks_per_sm;
+  return std::max<int64_t>(1, std::min(needed, cap));
+}
+
+}  // namespace softmix::cuda
