@@ -67,15 +67,23 @@ class ConvIdentifier(nn.Module):
         conv = _CONV[spatial_dims]
         noise_channels = in_channels if noise_channels is None else noise_channels
         self.time_dim = time_dim
-        self.conv1 = conv(in_channels + noise_channels, hidden, 3, padding=1)
+        # conv1(concat(x_t, eta)) split by linearity into conv_x(x_t) + conv_eta(eta), so the
+        # x_t and time parts run once per example when eta carries M samples per example
+        self.conv_x = conv(in_channels, hidden, 3, padding=1)
+        self.conv_eta = conv(noise_channels, hidden, 3, padding=1, bias=False)
         self.time = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.conv2 = conv(hidden, hidden, 3, padding=1)
+        self.conv2 = conv(hidden, hidden, 1)  # 1x1: cheap when run on M * B samples
         self.out = conv(hidden, latent_dim, 1)
 
+    supports_fanout = True  # eta may hold M samples per example of x_t: (M * B, ...)
+
     def forward(self, eta: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(torch.cat([x_t, eta.to(x_t.dtype)], dim=1))
+        h = self.conv_x(x_t)
         temb = self.time(timestep_embedding(t, self.time_dim).to(h.dtype))
-        h = F.silu(h + temb.reshape(*temb.shape, *([1] * (h.dim() - 2))))
+        h = h + temb.reshape(*temb.shape, *([1] * (h.dim() - 2)))  # (B, hidden, *S)
+        e = self.conv_eta(eta.to(x_t.dtype))  # (M * B, hidden, *S)
+        m = e.shape[0] // h.shape[0]
+        h = F.silu((e.reshape(m, *h.shape) + h).reshape(e.shape))
         h = F.silu(self.conv2(h))
         return self.out(h)
 
@@ -106,8 +114,13 @@ class MLPIdentifier(nn.Module):
         )
 
     def forward(self, eta: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        m = eta.shape[0] // x_t.shape[0]
+        if m > 1:
+            x_t, t = x_t.repeat(m, *([1] * (x_t.dim() - 1))), t.repeat(m)
         temb = timestep_embedding(t, self.time_dim).to(x_t.dtype)
         return self.net(torch.cat([x_t.flatten(1), eta.to(x_t.dtype).flatten(1), temb], dim=-1))
+
+    supports_fanout = True
 
 
 class SMDHead(nn.Module):

@@ -364,7 +364,10 @@ class SMD(nn.Module):
         if m * b != eta.shape[0]:
             raise ValueError(f"eta batch {eta.shape[0]} is not a multiple of x_t batch {b}")
         t = self._batch_t(t, x_t)
-        z = self.identifier(eta, x_t.repeat(m, *([1] * (x_t.dim() - 1))), t.repeat(m))
+        if getattr(self.identifier, "supports_fanout", False):  # x_t / t parts computed once
+            z = self.identifier(eta, x_t, t)
+        else:
+            z = self.identifier(eta, x_t.repeat(m, *([1] * (x_t.dim() - 1))), t.repeat(m))
         if m == 1 or self.output_only:
             with self._with_latent(z):
                 out = self.denoiser(x_t, t, **kwargs)
