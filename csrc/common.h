@@ -11,7 +11,7 @@
 // `omp simd reduction` grants that for one loop (needs -fopenmp-simd, no OpenMP runtime).
 #if defined(SOFTMIX_OPENMP_SIMD) && !defined(__CUDACC__)
 #define SOFTMIX_PRAGMA(text) _Pragma(#text)
-#define SOFTMIX_SIMD_SUM(var) SOFTMIX_PRAGMA(omp simd reduction(+ : var))
+#define SOFTMIX_SIMD_SUM(...) SOFTMIX_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
 #else
-#define SOFTMIX_SIMD_SUM(var)
+#define SOFTMIX_SIMD_SUM(...)
 #endif

@@ -73,12 +73,13 @@ SOFTMIX_HD void latent_transform_backward_row(const scalar_t* grad_y, const scal
     const acc_t s_l = s[l * s_layer_stride];
     const acc_t* y_prev = scratch + l * D;
     acc_t a = 0, gv = 0, gy = 0;
-    SOFTMIX_SIMD_SUM(a)
-    for (int64_t d = lanes.first(); d < D; d += lanes.step()) a += static_cast<acc_t>(v_l[d]) * y_prev[d];
-    SOFTMIX_SIMD_SUM(gv)
-    for (int64_t d = lanes.first(); d < D; d += lanes.step()) gv += g[d] * static_cast<acc_t>(v_l[d]);
-    SOFTMIX_SIMD_SUM(gy)
-    for (int64_t d = lanes.first(); d < D; d += lanes.step()) gy += g[d] * y_prev[d];
+    SOFTMIX_SIMD_SUM(a, gv, gy)
+    for (int64_t d = lanes.first(); d < D; d += lanes.step()) {
+      const acc_t v_d = static_cast<acc_t>(v_l[d]);
+      a += v_d * y_prev[d];
+      gv += g[d] * v_d;
+      gy += g[d] * y_prev[d];
+    }
     a = lanes.sum(a);
     gv = lanes.sum(gv);
     gy = lanes.sum(gy);
