@@ -100,10 +100,15 @@ McLossSizes check_mc_loss(const at::Tensor& pred, const at::Tensor& target, cons
   return {M, B, K};
 }
 
-void check_mc_loss_grad(const at::Tensor& grad_loss, int64_t B, const at::Tensor& pred) {
+void check_mc_loss_grad(const at::Tensor& grad_loss, const at::Tensor& errors, const McLossSizes& sizes,
+                        const at::Tensor& pred) {
   constexpr const char* op = "mc_loss_backward";
-  check_same_device(op, {{"pred", &pred}, {"grad_loss", &grad_loss}});
-  check_per_sample(op, "grad_loss", grad_loss, B, "pred", pred.sizes());
+  check_same_device(op, {{"pred", &pred}, {"grad_loss", &grad_loss}, {"errors", &errors}});
+  check_per_sample(op, "grad_loss", grad_loss, sizes.B, "pred", pred.sizes());
+  check_float(op, "errors", errors);
+  TORCH_CHECK(errors.dim() == 2 && errors.size(0) == sizes.M && errors.size(1) == sizes.B, op,
+              ": errors must have shape (M, B) = (", sizes.M, ", ", sizes.B, ") matching pred ", pred.sizes(),
+              ", got ", errors.sizes());
 }
 
 // ---- denoise_step ----------------------------------------------------------------------

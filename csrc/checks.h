@@ -32,7 +32,8 @@ void check_latent_transform_grad(const at::Tensor& grad_y, const at::Tensor& r);
 math::Bound parse_bound(std::string_view bound);
 McLossSizes check_mc_loss(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& weight,
                           double temperature);
-void check_mc_loss_grad(const at::Tensor& grad_loss, int64_t B, const at::Tensor& pred);
+void check_mc_loss_grad(const at::Tensor& grad_loss, const at::Tensor& errors, const McLossSizes& sizes,
+                        const at::Tensor& pred);
 
 math::PredictionType parse_prediction_type(std::string_view prediction_type);
 DenoiseStepSizes check_denoise_step(const at::Tensor& x_t, const at::Tensor& model_output,

@@ -2,6 +2,7 @@
 // Importing softmix._C runs the static registrations in this library: the schemas below,
 // the CPU kernels in cpu/ and, in CUDA builds, the kernels in cuda/.
 #include <pybind11/pybind11.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(softmix, m) {
@@ -10,9 +11,14 @@ TORCH_LIBRARY(softmix, m) {
   m.def("latent_transform(Tensor r, Tensor v, Tensor s) -> Tensor");
   m.def("latent_transform_backward(Tensor grad_y, Tensor r, Tensor v, Tensor s) -> (Tensor, Tensor, Tensor)");
   m.def("mc_loss(Tensor pred, Tensor target, Tensor weight, str bound=\"jensen\", float temperature=1.0) -> Tensor");
+  // mc_loss is this op's first output; the second, the (M, B) per-sample errors, is what the
+  // backward needs, so it reads pred once instead of recomputing them.
   m.def(
-      "mc_loss_backward(Tensor grad_loss, Tensor pred, Tensor target, Tensor weight, str bound, float temperature)"
-      " -> (Tensor, Tensor, Tensor)");
+      "mc_loss_with_errors(Tensor pred, Tensor target, Tensor weight, str bound=\"jensen\", float temperature=1.0)"
+      " -> (Tensor loss, Tensor errors)");
+  m.def(
+      "mc_loss_backward(Tensor grad_loss, Tensor pred, Tensor target, Tensor weight, Tensor errors, str bound,"
+      " float temperature) -> (Tensor, Tensor, Tensor)");
   m.def(
       "denoise_step(Tensor x_t, Tensor model_output, Tensor alpha_bar_t, Tensor alpha_bar_prev, Tensor? noise=None,"
       " float eta=1.0, str prediction_type=\"epsilon\", float? clip_sample=None) -> (Tensor, Tensor)");
@@ -20,6 +26,20 @@ TORCH_LIBRARY(softmix, m) {
       "denoise_step_backward(Tensor grad_x_prev, Tensor grad_x0, Tensor x_t, Tensor model_output,"
       " Tensor alpha_bar_t, Tensor alpha_bar_prev, float eta, str prediction_type, float? clip_sample)"
       " -> (Tensor, Tensor, Tensor)");
+}
+
+// mc_loss decomposes into mc_loss_with_errors on every device (and under autograd, which is
+// registered for mc_loss_with_errors).
+TORCH_LIBRARY_IMPL(softmix, CompositeImplicitAutograd, m) {
+  m.impl("mc_loss", [](const at::Tensor& pred, const at::Tensor& target, const at::Tensor& weight,
+                       c10::string_view bound, double temperature) {
+    static const auto with_errors = c10::Dispatcher::singleton()
+                                        .findSchemaOrThrow("softmix::mc_loss_with_errors", "")
+                                        .typed<std::tuple<at::Tensor, at::Tensor>(
+                                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            c10::string_view, double)>();
+    return std::get<0>(with_errors.call(pred, target, weight, bound, temperature));
+  });
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -42,6 +42,7 @@ std::tuple<at::Tensor, at::Tensor> denoise_step(const at::Tensor& x_t_in, const 
       for (int64_t b = begin; b < end; ++b) {
         const auto c = math::step_coefficients<acc_t>(a_ptr[b], a_prev_ptr[b], static_cast<acc_t>(eta), type);
         const int64_t offset = b * n.K;
+        SOFTMIX_SIMD
         for (int64_t k = offset; k < offset + n.K; ++k) {
           const acc_t noise_k = noise_ptr ? static_cast<acc_t>(noise_ptr[k]) : acc_t(0);
           acc_t prev, x0_k;
@@ -83,6 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_step_backward(
       for (int64_t b = begin; b < end; ++b) {
         const auto c = math::step_coefficients<acc_t>(a_ptr[b], a_prev_ptr[b], static_cast<acc_t>(eta), type);
         const int64_t offset = b * n.K;
+        SOFTMIX_SIMD
         for (int64_t k = offset; k < offset + n.K; ++k) {
           acc_t gx, gm, gn;
           math::step_element_backward(c, static_cast<acc_t>(x_ptr[k]), static_cast<acc_t>(m_ptr[k]), clip, clip_bound,

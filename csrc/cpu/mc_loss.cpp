@@ -1,5 +1,4 @@
-// mc_loss on the CPU: one example at a time, examples in parallel. The backward re-reads an
-// example's M predictions right after computing its errors, while they are still in cache.
+// mc_loss on the CPU: one example at a time, examples in parallel.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -16,62 +15,66 @@
 namespace softmix::cpu {
 namespace {
 
-at::Tensor mc_loss(const at::Tensor& pred_in, const at::Tensor& target_in, const at::Tensor& weight_in,
-                   std::string_view bound_name, double temperature) {
+std::tuple<at::Tensor, at::Tensor> mc_loss_with_errors(const at::Tensor& pred_in, const at::Tensor& target_in,
+                                                       const at::Tensor& weight_in, std::string_view bound_name,
+                                                       double temperature) {
   const McLossSizes n = check_mc_loss(pred_in, target_in, weight_in, temperature);
   const math::Bound bound = parse_bound(bound_name);
   const at::ScalarType acc_type = accumulate_type(pred_in.scalar_type());
   const at::Tensor pred = pred_in.contiguous(), target = target_in.contiguous();
   const at::Tensor weight = weight_in.to(acc_type).contiguous();
   at::Tensor loss = at::empty({n.B}, pred.options().dtype(acc_type));
+  at::Tensor errors = at::empty({n.M, n.B}, loss.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "mc_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *pred_ptr = pred.const_data_ptr<scalar_t>(), *target_ptr = target.const_data_ptr<scalar_t>();
     const acc_t* weight_ptr = weight.const_data_ptr<acc_t>();
-    acc_t* loss_ptr = loss.mutable_data_ptr<acc_t>();
+    acc_t *loss_ptr = loss.mutable_data_ptr<acc_t>(), *errors_ptr = errors.mutable_data_ptr<acc_t>();
     const acc_t T = static_cast<acc_t>(temperature);
     at::parallel_for(0, n.B, grain_for(n.M * n.K), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> err(n.M);
       for (int64_t b = begin; b < end; ++b) {
-        math::squared_errors(pred_ptr + b * n.K, n.B * n.K, target_ptr + b * n.K, n.M, n.K, err.data(),
+        math::squared_errors(pred_ptr + b * n.K, n.B * n.K, target_ptr + b * n.K, n.M, n.K, errors_ptr + b, n.B,
                              SerialLanes{});
-        loss_ptr[b] = math::loss_from_errors(err.data(), n.M, weight_ptr[b], bound, T);
+        loss_ptr[b] = math::loss_from_errors(errors_ptr + b, n.B, n.M, weight_ptr[b], bound, T);
       }
     });
   });
-  return loss;
+  return {loss, errors};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mc_loss_backward(const at::Tensor& grad_loss_in,
                                                                 const at::Tensor& pred_in,
                                                                 const at::Tensor& target_in,
                                                                 const at::Tensor& weight_in,
+                                                                const at::Tensor& errors_in,
                                                                 std::string_view bound_name, double temperature) {
   const McLossSizes n = check_mc_loss(pred_in, target_in, weight_in, temperature);
-  check_mc_loss_grad(grad_loss_in, n.B, pred_in);
+  check_mc_loss_grad(grad_loss_in, errors_in, n, pred_in);
   const math::Bound bound = parse_bound(bound_name);
   const at::ScalarType acc_type = accumulate_type(pred_in.scalar_type());
   const at::Tensor pred = pred_in.contiguous(), target = target_in.contiguous();
   const at::Tensor weight = weight_in.to(acc_type).contiguous(), grad_loss = grad_loss_in.to(acc_type).contiguous();
+  const at::Tensor errors = errors_in.to(acc_type).contiguous();
   at::Tensor grad_pred = at::empty_like(pred), grad_target = at::empty_like(target);
   at::Tensor grad_weight = at::empty({n.B}, weight.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "mc_loss_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *pred_ptr = pred.const_data_ptr<scalar_t>(), *target_ptr = target.const_data_ptr<scalar_t>();
-    const acc_t *weight_ptr = weight.const_data_ptr<acc_t>(), *grad_loss_ptr = grad_loss.const_data_ptr<acc_t>();
+    const acc_t *weight_ptr = weight.const_data_ptr<acc_t>(), *grad_loss_ptr = grad_loss.const_data_ptr<acc_t>(),
+                *errors_ptr = errors.const_data_ptr<acc_t>();
     scalar_t *grad_pred_ptr = grad_pred.mutable_data_ptr<scalar_t>(),
              *grad_target_ptr = grad_target.mutable_data_ptr<scalar_t>();
     acc_t* grad_weight_ptr = grad_weight.mutable_data_ptr<acc_t>();
     const acc_t T = static_cast<acc_t>(temperature);
-    at::parallel_for(0, n.B, grain_for(2 * n.M * n.K), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> err(n.M), coef(n.M);
+    at::parallel_for(0, n.B, grain_for(n.M * n.K), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> coef(n.M);
       for (int64_t b = begin; b < end; ++b) {
         const int64_t offset = b * n.K;
-        math::squared_errors(pred_ptr + offset, n.B * n.K, target_ptr + offset, n.M, n.K, err.data(), SerialLanes{});
         const acc_t upstream = grad_loss_ptr[b];
-        grad_weight_ptr[b] = upstream * math::loss_gradients(err.data(), n.M, weight_ptr[b], bound, T, coef.data());
+        grad_weight_ptr[b] =
+            upstream * math::loss_gradients(errors_ptr + b, n.B, n.M, weight_ptr[b], bound, T, coef.data());
         for (acc_t& c : coef) c *= upstream;
         math::squared_error_backward(pred_ptr + offset, n.B * n.K, target_ptr + offset, n.M, n.K, coef.data(),
                                      grad_pred_ptr + offset, grad_target_ptr + offset, SerialLanes{});
@@ -84,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mc_loss_backward(const at::Tensor
 }  // namespace
 
 TORCH_LIBRARY_IMPL(softmix, CPU, m) {
-  m.impl("mc_loss", &mc_loss);
+  m.impl("mc_loss_with_errors", &mc_loss_with_errors);
   m.impl("mc_loss_backward", &mc_loss_backward);
 }
 

@@ -12,8 +12,8 @@
 //   dloss/dtarget[k]   = -sum_m dloss/dpred[m, k]
 //
 // `lanes` says which k this thread owns and how partial sums combine (see
-// latent_transform.h); on the GPU one block handles one example. Per-sample values
-// (err, coef) live in a small buffer the leader writes and everyone reads after sync().
+// latent_transform.h); on the GPU one block handles one example. The forward returns the
+// errors e (M, B) beside the loss so that the backward is a single pass over pred.
 #pragma once
 
 #include <cmath>
@@ -25,10 +25,11 @@ namespace softmix::math {
 
 enum class Bound : int64_t { kJensen = 0, kLogMeanExp = 1 };
 
-// err[m] = mean_k (pred[m * sample_stride + k] - target[k])^2, for m < M.
+// err[m * err_stride] = mean_k (pred[m * sample_stride + k] - target[k])^2, for m < M.
+// (err_stride is B: the errors of all examples form an (M, B) tensor, like pred's leading dims.)
 template <typename scalar_t, typename acc_t, typename Lanes>
 SOFTMIX_HD void squared_errors(const scalar_t* pred, int64_t sample_stride, const scalar_t* target, int64_t M,
-                               int64_t K, acc_t* err, const Lanes& lanes) {
+                               int64_t K, acc_t* err, int64_t err_stride, const Lanes& lanes) {
   for (int64_t m = 0; m < M; ++m) {
     const scalar_t* pred_m = pred + m * sample_stride;
     acc_t partial = 0;
@@ -38,57 +39,58 @@ SOFTMIX_HD void squared_errors(const scalar_t* pred, int64_t sample_stride, cons
       partial += diff * diff;
     }
     const acc_t total = lanes.sum(partial);
-    if (lanes.is_leader()) err[m] = total / static_cast<acc_t>(K);
+    if (lanes.is_leader()) err[m * err_stride] = total / static_cast<acc_t>(K);
   }
   lanes.sync();
 }
 
 // The log-weights x_m = -w e_m / T of the logmeanexp bound and their maximum.
 template <typename acc_t>
-SOFTMIX_HD acc_t max_log_weight(const acc_t* err, int64_t M, acc_t w, acc_t T) {
+SOFTMIX_HD acc_t max_log_weight(const acc_t* err, int64_t err_stride, int64_t M, acc_t w, acc_t T) {
   acc_t x_max = -w * err[0] / T;
   for (int64_t m = 1; m < M; ++m) {
-    const acc_t x = -w * err[m] / T;
+    const acc_t x = -w * err[m * err_stride] / T;
     x_max = x > x_max ? x : x_max;
   }
   return x_max;
 }
 
 template <typename acc_t>
-SOFTMIX_HD acc_t loss_from_errors(const acc_t* err, int64_t M, acc_t w, Bound bound, acc_t T) {
+SOFTMIX_HD acc_t loss_from_errors(const acc_t* err, int64_t err_stride, int64_t M, acc_t w, Bound bound, acc_t T) {
   if (bound == Bound::kJensen) {
     acc_t total = 0;
-    for (int64_t m = 0; m < M; ++m) total += err[m];
+    for (int64_t m = 0; m < M; ++m) total += err[m * err_stride];
     return w * total / static_cast<acc_t>(M);
   }
   // -T (logsumexp_m(x_m) - log M), with the maximum taken out for stability.
-  const acc_t x_max = max_log_weight(err, M, w, T);
+  const acc_t x_max = max_log_weight(err, err_stride, M, w, T);
   acc_t total = 0;
-  for (int64_t m = 0; m < M; ++m) total += exp(-w * err[m] / T - x_max);
+  for (int64_t m = 0; m < M; ++m) total += exp(-w * err[m * err_stride] / T - x_max);
   return -T * (x_max + log(total) - log(static_cast<acc_t>(M)));
 }
 
 // coef[m] = dloss/de_m; returns dloss/dw.
 template <typename acc_t>
-SOFTMIX_HD acc_t loss_gradients(const acc_t* err, int64_t M, acc_t w, Bound bound, acc_t T, acc_t* coef) {
+SOFTMIX_HD acc_t loss_gradients(const acc_t* err, int64_t err_stride, int64_t M, acc_t w, Bound bound, acc_t T,
+                                acc_t* coef) {
   if (bound == Bound::kJensen) {
     acc_t total = 0;
     for (int64_t m = 0; m < M; ++m) {
       coef[m] = w / static_cast<acc_t>(M);
-      total += err[m];
+      total += err[m * err_stride];
     }
     return total / static_cast<acc_t>(M);
   }
-  const acc_t x_max = max_log_weight(err, M, w, T);
+  const acc_t x_max = max_log_weight(err, err_stride, M, w, T);
   acc_t normaliser = 0;
   for (int64_t m = 0; m < M; ++m) {
-    coef[m] = exp(-w * err[m] / T - x_max);  // unnormalised p_m
+    coef[m] = exp(-w * err[m * err_stride] / T - x_max);  // unnormalised p_m
     normaliser += coef[m];
   }
   acc_t grad_w = 0;
   for (int64_t m = 0; m < M; ++m) {
     const acc_t p = coef[m] / normaliser;
-    grad_w += p * err[m];
+    grad_w += p * err[m * err_stride];
     coef[m] = w * p;
   }
   return grad_w;
@@ -101,6 +103,7 @@ SOFTMIX_HD void squared_error_backward(const scalar_t* pred, int64_t sample_stri
                                        int64_t M, int64_t K, const acc_t* coef, scalar_t* grad_pred,
                                        scalar_t* grad_target, const Lanes& lanes) {
   const acc_t two_over_k = acc_t(2) / static_cast<acc_t>(K);
+  SOFTMIX_SIMD
   for (int64_t k = lanes.first(); k < K; k += lanes.step()) {
     const acc_t t = static_cast<acc_t>(target[k]);
     acc_t g_target = 0;

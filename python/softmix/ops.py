@@ -114,27 +114,33 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-@torch.library.register_fake("softmix::mc_loss")
-def _(pred, target, weight, bound, temperature):
+# torch.ops.softmix.mc_loss decomposes (in C++) into mc_loss_with_errors, which also returns
+# the (M, B) per-sample errors, so the backward reads pred once instead of recomputing them.
+# The fake kernel and the autograd formula belong to that op.
+# Fake kernels repeat the schema's defaults: the dispatcher may drop arguments left at them.
+@torch.library.register_fake("softmix::mc_loss_with_errors")
+def _(pred, target, weight, bound="jensen", temperature=1.0):
     torch._check(pred.dim() >= 2, lambda: "mc_loss: pred must be (M, B, *S)")
-    return pred.new_empty((pred.shape[1],), dtype=_loss_dtype(pred.dtype))
+    dtype = _loss_dtype(pred.dtype)
+    return pred.new_empty((pred.shape[1],), dtype=dtype), pred.new_empty(pred.shape[:2], dtype=dtype)
 
 
 @torch.library.register_fake("softmix::mc_loss_backward")
-def _(grad_loss, pred, target, weight, bound, temperature):
+def _(grad_loss, pred, target, weight, errors, bound, temperature):
     return pred.new_empty(pred.shape), target.new_empty(target.shape), weight.new_empty(weight.shape)
 
 
 def _mc_loss_setup(ctx, inputs, output):
     pred, target, weight, bound, temperature = inputs
-    ctx.save_for_backward(pred, target, weight)
+    ctx.save_for_backward(pred, target, weight, output[1])
+    ctx.mark_non_differentiable(output[1])
     ctx.bound, ctx.temperature = bound, temperature
 
 
-def _mc_loss_backward(ctx, grad_loss):
-    pred, target, weight = ctx.saved_tensors
+def _mc_loss_backward(ctx, grad_loss, grad_errors):
+    pred, target, weight, errors = ctx.saved_tensors
     grad_pred, grad_target, grad_weight = torch.ops.softmix.mc_loss_backward(
-        grad_loss, pred, target, weight, ctx.bound, ctx.temperature
+        grad_loss, pred, target, weight, errors, ctx.bound, ctx.temperature
     )
     needs = ctx.needs_input_grad
     return (
@@ -146,7 +152,9 @@ def _mc_loss_backward(ctx, grad_loss):
     )
 
 
-torch.library.register_autograd("softmix::mc_loss", _mc_loss_backward, setup_context=_mc_loss_setup)
+torch.library.register_autograd(
+    "softmix::mc_loss_with_errors", _mc_loss_backward, setup_context=_mc_loss_setup
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -210,7 +218,7 @@ def denoise_step(
 
 
 @torch.library.register_fake("softmix::denoise_step")
-def _(x_t, model_output, alpha_bar_t, alpha_bar_prev, noise, eta, prediction_type, clip_sample):
+def _(x_t, model_output, alpha_bar_t, alpha_bar_prev, noise=None, eta=1.0, prediction_type="epsilon", clip_sample=None):
     return x_t.new_empty(x_t.shape), x_t.new_empty(x_t.shape)
 
 
