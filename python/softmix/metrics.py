@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from softmix.data import GaussianMixture
 
-__all__ = ["mmd", "mixture_metrics"]
+__all__ = ["mmd", "mixture_metrics", "true_posterior", "posterior_kl"]
 
 
 def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths=(0.05, 0.1, 0.2, 0.5, 1.0)) -> float:
@@ -47,3 +49,77 @@ def mixture_metrics(samples: torch.Tensor, mixture: GaussianMixture, reference: 
     if reference is not None:
         out["mmd"] = mmd(samples, reference)
     return out
+
+
+def true_posterior(mixture: GaussianMixture, x_t: torch.Tensor, a_t: float, a_prev: float):
+    """The exact backward step ``q(x_prev | x_t)`` of a Gaussian-mixture data distribution.
+
+    With ``x0 ~ sum_k N(mu_k, s^2 I) / K`` and ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise``,
+    ``q(x_prev | x_t) = sum_k pi_k(x_t) N(m_k(x_t), v I)``. Returns ``(log_pi (N, K),
+    means (N, K, F), var)`` (float64).
+    """
+    x_t = x_t.double()
+    mu, s2 = mixture.means.double(), mixture.std**2
+    alpha = a_t / a_prev  # the step x_prev -> x_t
+    v_prev = a_prev * s2 + 1 - a_prev  # marginal variance of x_prev within a component
+    v_t = a_t * s2 + 1 - a_t
+    log_pi = -0.5 * torch.cdist(x_t, math.sqrt(a_t) * mu).square() / v_t
+    log_pi = log_pi - torch.logsumexp(log_pi, dim=1, keepdim=True)
+    precision = 1 / v_prev + alpha / (1 - alpha)
+    means = (math.sqrt(a_prev) * mu[None] / v_prev + math.sqrt(alpha) * x_t[:, None] / (1 - alpha)) / precision
+    return log_pi, means, 1 / precision
+
+
+def _log_normal(x: torch.Tensor, mean: torch.Tensor, var: float) -> torch.Tensor:
+    """``log N(x; mean, var I)`` over the last dim (broadcasting)."""
+    f = x.shape[-1]
+    return -0.5 * (x - mean).square().sum(-1) / var - 0.5 * f * math.log(2 * math.pi * var)
+
+
+@torch.no_grad()
+def posterior_kl(model, schedule, mixture: GaussianMixture, num: int = 512, num_eta: int = 256,
+                 max_steps: int = 20, generator: torch.Generator | None = None) -> float:
+    """Mean over the chain of ``KL(q(x_{t-1} | x_t) || p_theta(x_{t-1} | x_t))``, ``x_t ~ q(x_t)``,
+    in nats, estimated by Monte Carlo, for an epsilon-predicting model (one ``x_{t-1} ~ q`` per ``x_t``, ``num`` of them).
+
+    The chain is the schedule's own (``steps = num_steps``, ancestral variance); the last step
+    (variance 0: a point mass, where the KL is not finite) is left out, and at most
+    ``max_steps`` evenly spaced steps are evaluated. For an ``SMD`` model
+    ``p_theta = mean_j N(mu(eta_j), sigma^2)`` over ``num_eta`` draws of ``eta`` (a Monte Carlo
+    estimate of the mixture; it overestimates the KL slightly when ``num_eta`` is small).
+    """
+    from softmix.wrap import _unwrap, is_smd, model_output_tensor
+
+    timesteps, a_ts, a_prevs = schedule.respace(schedule.num_steps)
+    idx = list(range(len(timesteps) - 1))  # the last step is deterministic
+    if len(idx) > max_steps:
+        idx = sorted({round(i * (len(idx) - 1) / (max_steps - 1)) for i in range(max_steps)})
+    smd = _unwrap(model) if is_smd(model) else None
+    was_training = model.training
+    model.eval()
+    kls = []
+    try:
+        for i in idx:
+            a_t, a_p = float(a_ts[i]), float(a_prevs[i])
+            x0 = mixture.sample(num, generator)
+            x_t = math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * torch.randn(x0.shape, generator=generator)
+            log_pi, means, var = true_posterior(mixture, x_t, a_t, a_p)
+            k = torch.multinomial(log_pi.exp(), 1, generator=generator).squeeze(1)
+            x_prev = means[torch.arange(num), k] + math.sqrt(var) * torch.randn(num, x0.shape[1], generator=generator,
+                                                                                 dtype=torch.float64)
+            log_q = torch.logsumexp(log_pi + _log_normal(x_prev[:, None], means, var), dim=1)
+            t = torch.full((num,), int(timesteps[i]), dtype=torch.long)
+            j = num_eta if smd is not None else 1
+            kwargs = {"eta": smd.sample_eta(x_t.float(), generator, num_samples=j)} if smd is not None else {}
+            out = model_output_tensor(model(x_t.float(), t, **kwargs)).double()  # (j * num, F)
+            # the ancestral step's mean (denoise_step with eta = 1, without its noise), epsilon prediction
+            x_rep = x_t.repeat(j, 1)
+            sigma2 = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
+            x0_pred = (x_rep - math.sqrt(1 - a_t) * out) / math.sqrt(a_t)
+            mean_p = math.sqrt(a_p) * x0_pred + math.sqrt(1 - a_p - sigma2) * out
+            log_p = _log_normal(x_prev[None], mean_p.reshape(j, num, -1), sigma2)  # (j, num)
+            log_p = torch.logsumexp(log_p, dim=0) - math.log(j)
+            kls.append(float((log_q - log_p).mean()))
+    finally:
+        model.train(was_training)
+    return sum(kls) / len(kls)

@@ -1,0 +1,165 @@
+"""Shared pieces of the quality experiments: model variants, the training loop, sampling,
+aggregation over seeds, and markdown tables.
+
+A *variant* is written as ``name`` or ``name:key=value,key=value`` on the command line, e.g.
+``smd:bound=posterior,M=16`` or ``plain:hidden=136``. Keys (see ``Variant``):
+
+- ``smd`` (0/1), ``bound`` (``jensen`` | ``logmeanexp`` | ``posterior`` | ``elbo``: the per-step
+  conditional VAE of ``softmix.posterior``, with ``klw`` its KL weight), ``M`` (Monte Carlo
+  samples of eta), ``temp`` (temperature), ``minvar`` (the ``posterior`` bound's variance floor);
+- ``inject`` (``output`` | ``auto`` = input and output), ``latent`` (SMD latent size D),
+  ``idh`` (width of the identifier MLP), ``etadim`` (size of eta);
+- ``noeta`` (1: eta fixed to zero, so z depends on x_t alone);
+- ``hidden``, ``layers``, ``ff``, ``ffs`` (backbone; Fourier features and their scale), ``bs`` (batch size), ``lr``, ``method`` (sampler: ``ddpm`` | ``ddim``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import nn
+
+import softmix
+from softmix import SMD, NoiseSchedule
+from softmix.nets import ConvDenoiser, MLPDenoiser
+from softmix.posterior import PosteriorEncoder, elbo_loss
+
+# names used in the tables for the built-in variants
+PRESETS = {
+    "plain": "smd=0",
+    "ddim": "smd=0,method=ddim",
+    "smd": "smd=1",  # the library default bound and M
+    "paper": "smd=1,bound=jensen,M=1",  # the paper's training: Jensen bound, one eta
+}
+
+
+@dataclass
+class Variant:
+    name: str
+    smd: bool = True
+    bound: str | None = None  # None: the library default
+    M: int | None = None  # None: the library default
+    temp: float = 1.0
+    klw: float = 1.0
+    minvar: float = softmix.loss.DEFAULT_MIN_VARIANCE
+    inject: str = "output"
+    latent: int = 16
+    etadim: int | None = None  # channels of eta (None: those of x_t)
+    idh: int | None = None  # width of the identifier MLP (None: SMD's default)
+    noeta: bool = False
+    hidden: int = 128
+    layers: int = 3
+    ff: int = 64  # random Fourier features of the input (MLPDenoiser(fourier=...)); 0: none
+    ffs: float = 2.0  # their scale
+    method: str = "ddpm"
+    lr: float = 1e-3
+    bs: int = 256  # batch size
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> "Variant":
+        name, _, spec = text.partition(":")
+        base = PRESETS.get(name, "smd=1")
+        kv = {}
+        for item in filter(None, (base + "," + spec).split(",")):
+            k, _, v = item.partition("=")
+            kv[k.strip()] = v.strip()
+        types = {f.name: f.type for f in fields(cls)}
+        out = {}
+        for k, v in kv.items():
+            if k not in types or k in ("name", "extra"):
+                raise ValueError(f"unknown variant key {k!r} in {text!r}")
+            if k in ("smd", "noeta"):
+                out[k] = v not in ("0", "false", "False", "")
+            elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim"):
+                out[k] = int(v)
+            elif k in ("temp", "minvar", "lr", "klw", "ffs"):
+                out[k] = float(v)
+            else:
+                out[k] = v
+        return cls(name=text, **out)
+
+
+def build_model(v: Variant, sample_shape: tuple[int, ...]) -> nn.Module:
+    """The backbone for one example of ``sample_shape``, wrapped in SMD for SMD variants."""
+    if len(sample_shape) == 1:
+        backbone = MLPDenoiser(sample_shape[0], hidden=v.hidden, layers=v.layers, fourier=v.ff, fourier_scale=v.ffs)
+    else:
+        backbone = ConvDenoiser(sample_shape[0], hidden=v.hidden, blocks=v.layers, groups=math.gcd(8, v.hidden))
+    if not v.smd:
+        return backbone
+    model = SMD(backbone, latent_dim=v.latent, inject=v.inject, identifier_hidden=v.idh,
+                noise_channels=v.etadim)
+    if v.noeta:  # ablation: z = g(0, x_t, t), a deterministic function of x_t
+        def zero_eta(x_t, generator=None, num_samples=1, _m=model):
+            b, *rest = _m.noise_shape(x_t)
+            return torch.zeros((num_samples * b, *rest), device=x_t.device, dtype=x_t.dtype)
+
+        model.sample_eta = zero_eta
+    return model
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, iters: int, seed: int,
+          ema_decay: float = 0.995) -> tuple[nn.Module, float]:
+    """Adam + gradient clipping + EMA (as ``softmix train``); returns (EMA model, seconds/iter)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    params = list(model.parameters())
+    encoder = None
+    if v.smd and v.bound == "elbo":
+        encoder = PosteriorEncoder.for_model(model)
+        params += list(encoder.parameters())
+    opt = torch.optim.Adam(params, lr=v.lr)
+    ema = copy.deepcopy(model).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    kw = {}
+    if encoder is not None:
+        kw = dict(kl_weight=v.klw, min_variance=v.minvar)
+    elif v.smd:
+        kw = dict(num_samples=v.M, bound=v.bound, temperature=v.temp, min_variance=v.minvar)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        x0 = draw_batch(v.bs, gen)
+        if encoder is not None:
+            loss = elbo_loss(model, encoder, schedule, x0, generator=gen, **kw)
+        else:
+            loss = softmix.training_loss(model, schedule, x0, generator=gen, **kw)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - ema_decay)
+    return ema, (time.perf_counter() - t0) / max(iters, 1)
+
+
+def draw_samples(model: nn.Module, v: Variant, schedule: NoiseSchedule, shape, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(10_000 + seed)
+    return softmix.sample(model, schedule, shape, steps=schedule.num_steps, method=v.method, generator=g,
+                          progress=False)
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+
+
+def fmt(values: list[float], digits: int = 3, scale: float = 1.0) -> str:
+    m, s = mean_spread([x * scale for x in values])
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
