@@ -42,12 +42,15 @@ def main(argv=None) -> int:
     p.add_argument("--ablations", action="store_true", help="also run the ablation table at T=4")
     p.add_argument("--full", action="store_true", help="all T in 2,4,10,20,50,1000 and 5 seeds")
     p.add_argument("--seeds", default=None, help="default 0,1,2 (--full: 0..4)")
-    p.add_argument("--ablation-seeds", default="0,1")
+    p.add_argument("--ablation-seeds", default="0")
+    p.add_argument("--steps", default=None, help="comma-separated T for the headline (default 4,10,1000)")
     p.add_argument("--iters", type=int, default=3000)
     p.add_argument("--jobs", type=int, default=2, help="parallel processes (one torch thread each)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     steps = [2, 4, 10, 20, 50, 1000] if args.full else [4, 10, 1000]
+    if args.steps:
+        steps = [int(t) for t in args.steps.split(",")]
     seeds = args.seeds or ("0,1,2,3,4" if args.full else "0,1,2")
     common = ["--iters", str(args.iters), "--out", args.out, "--threads", "1"]
     jobs = [[sys.executable, str(HERE / "gmm.py"), "--steps", str(t), "--seeds", seeds, "--variants", HEADLINE,
