@@ -8,7 +8,7 @@ import torch
 
 from softmix.data import GaussianMixture
 
-__all__ = ["mmd", "mixture_metrics", "true_posterior", "posterior_kl"]
+__all__ = ["mmd", "mixture_metrics", "true_posterior", "posterior_kl", "frechet_distance", "knn_precision_recall"]
 
 
 def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths=(0.05, 0.1, 0.2, 0.5, 1.0)) -> float:
@@ -123,3 +123,29 @@ def posterior_kl(model, schedule, mixture: GaussianMixture, num: int = 512, num_
     finally:
         model.train(was_training)
     return sum(kls) / len(kls)
+
+
+def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to features ``x (N, F)`` and ``y (M, F)``:
+    ``|mu_x - mu_y|^2 + tr(S_x + S_y - 2 (S_x S_y)^(1/2))`` (FID's formula on any features)."""
+    x, y = x.flatten(1).double(), y.flatten(1).double()
+    mu_x, mu_y = x.mean(0), y.mean(0)
+    s_x, s_y = torch.cov(x.T), torch.cov(y.T)
+    # tr((S_x S_y)^(1/2)) = sum of sqrt of the eigenvalues of S_x^(1/2) S_y S_x^(1/2) (symmetric PSD)
+    evals, evecs = torch.linalg.eigh(s_x)
+    root_x = evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T
+    cross = torch.linalg.eigvalsh(root_x @ s_y @ root_x).clamp(min=0).sqrt().sum()
+    return float((mu_x - mu_y).square().sum() + s_x.trace() + s_y.trace() - 2 * cross)
+
+
+def knn_precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) on features ``(N, F)``:
+    precision is the share of ``fake`` inside the union of the real k-NN balls, recall the share
+    of ``real`` inside the union of the fake k-NN balls."""
+    real, fake = real.flatten(1).double(), fake.flatten(1).double()
+
+    def inside(points, support):
+        radii = torch.cdist(support, support).kthvalue(k + 1, dim=1).values  # k-th neighbour (self is 0)
+        return (torch.cdist(points, support) <= radii[None]).any(1).double().mean()
+
+    return float(inside(fake, real)), float(inside(real, fake))
