@@ -9,7 +9,8 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
   samples of eta), ``temp`` (temperature), ``minvar`` (the ``posterior`` bound's variance floor);
 - ``inject`` (``output`` | ``auto`` = input and output), ``latent`` (SMD latent size D),
   ``idh`` (width of the identifier MLP), ``etadim`` (size of eta);
-- ``noeta`` (1: eta fixed to zero, so z depends on x_t alone);
+- ``noeta`` (1: eta fixed to zero, so z depends on x_t alone); ``discrete`` (K: eta is one of K
+  one-hot codes, a finite mixture; use with ``M=K`` so that training enumerates them);
 - ``hidden``, ``layers``, ``ff``, ``ffs`` (backbone; Fourier features and their scale), ``bs`` (batch size), ``lr``, ``method`` (sampler: ``ddpm`` | ``ddim``).
 """
 
@@ -51,6 +52,7 @@ class Variant:
     etadim: int | None = None  # channels of eta (None: those of x_t)
     idh: int | None = None  # width of the identifier MLP (None: SMD's default)
     noeta: bool = False
+    discrete: int = 0  # > 0: eta is one of K one-hot codes (a finite mixture; training enumerates all K)
     hidden: int = 128
     layers: int = 3
     ff: int = 64  # random Fourier features of the input (MLPDenoiser(fourier=...)); 0: none
@@ -75,7 +77,7 @@ class Variant:
                 raise ValueError(f"unknown variant key {k!r} in {text!r}")
             if k in ("smd", "noeta"):
                 out[k] = v not in ("0", "false", "False", "")
-            elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim"):
+            elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim", "discrete"):
                 out[k] = int(v)
             elif k in ("temp", "minvar", "lr", "klw", "ffs"):
                 out[k] = float(v)
@@ -93,7 +95,17 @@ def build_model(v: Variant, sample_shape: tuple[int, ...]) -> nn.Module:
     if not v.smd:
         return backbone
     model = SMD(backbone, latent_dim=v.latent, inject=v.inject, identifier_hidden=v.idh,
-                noise_channels=v.etadim)
+                noise_channels=v.discrete or v.etadim)
+    if v.discrete:  # exploration: a finite mixture of K components, eta = one-hot code
+        def one_hot_eta(x_t, generator=None, num_samples=1, _k=v.discrete):
+            b = x_t.shape[0]
+            if num_samples == _k:  # training: every component, sample-major (m * B + b)
+                idx = torch.arange(_k).repeat_interleave(b)
+            else:  # sampling: a random component per example
+                idx = torch.randint(0, _k, (num_samples * b,), generator=generator)
+            return torch.nn.functional.one_hot(idx, _k).to(x_t.dtype)
+
+        model.sample_eta = one_hot_eta
     if v.noeta:  # ablation: z = g(0, x_t, t), a deterministic function of x_t
         def zero_eta(x_t, generator=None, num_samples=1, _m=model):
             b, *rest = _m.noise_shape(x_t)
