@@ -1,0 +1,328 @@
+"""mc_loss: the Monte Carlo SMD loss over M samples of the latent, one value per example.
+
+DESIGN.md 3.2. With ``e[m, b] = mean_S (pred[m, b] - target[b])^2``, ``"jensen"`` is
+``w_b mean_m e[m, b]`` (the paper's bound) and ``"logmeanexp"`` is
+``-T log mean_m exp(-w_b e[m, b] / T)`` (the tighter importance-weighted bound). The fused op
+against softmix.reference in float64, gradcheck, the bounds' textbook facts, bad input.
+"""
+
+import math
+
+import pytest
+import torch
+
+from conftest import (
+    FLOAT_DTYPES,
+    HALF_DTYPES,
+    as_input,
+    as_reference,
+    assert_close_to_reference,
+    non_contiguous,
+    randn,
+    uniform,
+)
+from softmix import ops, reference
+
+BOUNDS = ["jensen", "logmeanexp"]
+
+
+def draw(rng, m, b, shape, spread=0.7):
+    """float64 pred (M, B, *S) scattered around target (B, *S), and positive weight (B,)."""
+    target = randn(rng, b, *shape)
+    pred = target + spread * randn(rng, m, b, *shape)
+    weight = uniform(rng, b, low=0.1, high=2.0)
+    return pred, target, weight
+
+
+def loss_dtype(dtype):
+    # the loss is accumulated in float and returned in float32 for half inputs (ops.mc_loss docs)
+    return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+def weight_dtype(dtype):
+    # a schedule's weights are float32 beside half predictions, float64 beside float64 ones
+    return loss_dtype(dtype)
+
+
+def reference_with_grads(pred, target, weight, grad_loss, bound, temperature):
+    args = [as_reference(t, requires_grad=True) for t in (pred, target, weight)]
+    loss = reference.mc_loss(*args, bound=bound, temperature=temperature)
+    loss.backward(as_reference(grad_loss))
+    return loss.detach(), [a.grad for a in args]
+
+
+# M in 1..16 (1, 2, 3, 4, 5, 7, 16), B in {0, 1, 7, ...}, S from one value to odd images.
+SIZES = [
+    # M,  B, S
+    (1, 7, (3,)),
+    (2, 1, (2, 5, 5)),
+    (3, 7, (1,)),
+    (4, 5, (3, 8, 8)),
+    (5, 3, (33,)),
+    (7, 2, (1, 9, 7)),
+    (16, 4, (2, 3)),
+    (4, 128, (4, 4)),
+    (2, 3, (3, 64, 64)),  # long rows: 12288 values accumulated per example
+    (3, 0, (4,)),
+]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("bound,temperature", [("jensen", 1.0), ("logmeanexp", 1.0), ("logmeanexp", 0.3)])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"M{s[0]}-B{s[1]}-S{'x'.join(map(str, s[2]))}")
+def test_values_and_gradients_match_float64_reference(rng, device, dtype, bound, temperature, size):
+    m, b, shape = size
+    pred64, target64, weight64 = draw(rng, m, b, shape)
+    pred, target = as_input(pred64, dtype, device, True), as_input(target64, dtype, device, True)
+    weight = as_input(weight64, weight_dtype(dtype), device, True)
+    grad_loss = as_input(uniform(rng, b, low=0.5, high=1.5), loss_dtype(dtype), device)
+
+    loss = ops.mc_loss(pred, target, weight, bound, temperature)
+    assert loss.shape == (b,) and loss.dtype == loss_dtype(dtype) and loss.device.type == device
+    loss.backward(grad_loss)
+
+    expected, expected_grads = reference_with_grads(pred, target, weight, grad_loss, bound, temperature)
+    assert_close_to_reference(loss, expected, dtype, "loss")
+    for name, arg, grad in zip(("pred", "target", "weight"), (pred, target, weight), expected_grads):
+        assert arg.grad.dtype == arg.dtype and arg.grad.shape == arg.shape, name
+        assert_close_to_reference(arg.grad, grad, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("bound", BOUNDS)
+@pytest.mark.parametrize("layout", ["transposed", "strided", "sample_major"])
+def test_non_contiguous_inputs_match_float64_reference(rng, device, bound, layout):
+    dtype = torch.float32
+    m, b, shape = 4, 6, (3, 5, 7)
+    pred64, target64, weight64 = draw(rng, m, b, shape)
+    if layout == "sample_major":
+        # a model run once on the (B * M) fan-out: (B, M, *S) viewed as (M, B, *S)
+        pred = as_input(pred64.transpose(0, 1).contiguous(), dtype, device).transpose(0, 1)
+        target, weight = as_input(target64, dtype, device), as_input(weight64, dtype, device)
+    else:
+        pred, target, weight = (
+            non_contiguous(as_input(t, dtype, device), layout) for t in (pred64, target64, weight64)
+        )
+    assert not pred.is_contiguous()
+    for t in (pred, target, weight):
+        t.requires_grad_()
+    grad_loss = as_input(uniform(rng, b, low=0.5, high=1.5), dtype, device)
+
+    loss = ops.mc_loss(pred, target, weight, bound, 0.5)
+    loss.backward(grad_loss)
+    expected, expected_grads = reference_with_grads(pred, target, weight, grad_loss, bound, 0.5)
+    assert_close_to_reference(loss, expected, dtype, "loss")
+    for name, arg, grad in zip(("pred", "target", "weight"), (pred, target, weight), expected_grads):
+        assert_close_to_reference(arg.grad, grad, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("bound,temperature", [("jensen", 1.0), ("logmeanexp", 1.0), ("logmeanexp", 0.25)])
+def test_gradcheck_float64(rng, bound, temperature):
+    pred, target, weight = (t.requires_grad_() for t in draw(rng, 3, 2, (2, 3)))
+    assert torch.autograd.gradcheck(lambda p, t, w: ops.mc_loss(p, t, w, bound, temperature), (pred, target, weight))
+
+
+@pytest.mark.parametrize("bound", BOUNDS)
+@pytest.mark.parametrize("wrt", ["pred", "target", "weight"])
+def test_gradcheck_float64_one_input_at_a_time(rng, bound, wrt):
+    args = dict(zip(("pred", "target", "weight"), draw(rng, 4, 3, (5,))))
+    args[wrt].requires_grad_()
+    assert torch.autograd.gradcheck(lambda p, t, w: ops.mc_loss(p, t, w, bound, 0.7), tuple(args.values()))
+
+
+@pytest.mark.parametrize("bound", BOUNDS)
+def test_empty_batch_gives_empty_loss_and_gradients(rng, device, bound):
+    pred, target, weight = (as_input(t, torch.float32, device, True) for t in draw(rng, 3, 0, (4, 2)))
+    loss = ops.mc_loss(pred, target, weight, bound)
+    assert loss.shape == (0,)
+    loss.sum().backward()
+    assert pred.grad.shape == (3, 0, 4, 2) and target.grad.shape == (0, 4, 2) and weight.grad.shape == (0,)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=IndexError,
+    reason="reference.mc_loss flattens dims from 2 on, so S = () (pred (M, B), target (B,)) raises IndexError; "
+    "the op accepts it. Fix in reference.py, then drop this marker.",
+)
+@pytest.mark.parametrize("bound", BOUNDS)
+def test_one_value_per_example_matches_float64_reference(rng, bound):
+    # S = (): pred (M, B), target (B,), e[m, b] is the single squared difference
+    pred, target, weight = draw(rng, 5, 7, ())
+    got = ops.mc_loss(pred, target, weight, bound, 0.5)
+    assert_close_to_reference(got, reference.mc_loss(pred, target, weight, bound, 0.5), torch.float64, "loss")
+
+
+def test_one_value_per_example_is_the_squared_difference(rng, device):
+    # the same S = () case against the formula written out, until the reference handles it
+    pred, target, weight = (as_input(t, torch.float64, device) for t in draw(rng, 5, 7, ()))
+    errors = (pred - target).square()
+    expected_jensen = weight * errors.mean(0)
+    expected_lme = -0.5 * (torch.logsumexp(-weight * errors / 0.5, 0) - math.log(5))
+    assert_close_to_reference(ops.mc_loss(pred, target, weight, "jensen"), expected_jensen, torch.float64, "jensen")
+    assert_close_to_reference(ops.mc_loss(pred, target, weight, "logmeanexp", 0.5), expected_lme, torch.float64, "lme")
+
+
+# --------------------------------------------------------------------------------------
+# the two bounds
+# --------------------------------------------------------------------------------------
+
+
+def rounding_slack(pred, target, weight, temperature, accumulate_dtype):
+    """How far rounding alone may push the computed logmeanexp above jensen, per example.
+
+    ``-T (logsumexp(x) - log M)`` with ``x = -w e / T`` loses ``~eps (|x|_max + log M)`` to
+    rounding inside the log, which the factor T turns into ``eps (w e_max + T log M)``: at a
+    high temperature the gap Jensen's inequality leaves (``~ w^2 Var e / 2T``) drops below it.
+    """
+    errors = (as_reference(pred) - as_reference(target)).square().flatten(2).mean(-1)  # (M, B)
+    scale = as_reference(weight) * errors.max(0).values + temperature * (math.log(pred.shape[0]) + 1)
+    return 8 * torch.finfo(accumulate_dtype).eps * scale.to(pred.device)
+
+
+def test_logmeanexp_never_exceeds_jensen(rng, device):
+    # Jensen's inequality: -T log E exp(-x / T) <= E x, for any weights, temperatures and M
+    for _ in range(100):
+        m = int(torch.randint(1, 17, (), generator=rng))
+        b = int(torch.randint(1, 9, (), generator=rng))
+        spread = float(uniform(rng, 1, low=0.01, high=3.0))
+        pred, target, weight = (as_input(t, torch.float64, device) for t in draw(rng, m, b, (3, 4), spread))
+        weight = weight * float(10 ** uniform(rng, 1, low=-3, high=3))
+        temperature = float(10 ** uniform(rng, 1, low=-3, high=3))
+        jensen = ops.mc_loss(pred, target, weight, "jensen")
+        lme = ops.mc_loss(pred, target, weight, "logmeanexp", temperature)
+        assert torch.isfinite(lme).all()
+        slack = rounding_slack(pred, target, weight, temperature, torch.float64)
+        assert (lme <= jensen + slack).all(), (m, temperature, lme - jensen, slack)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_logmeanexp_never_exceeds_jensen_in_low_precision(rng, device, dtype):
+    for _ in range(20):
+        m = int(torch.randint(2, 17, (), generator=rng))
+        temperature = float(10 ** uniform(rng, 1, low=-2, high=2))
+        pred, target, weight = draw(rng, m, 16, (5, 5))
+        pred, target = as_input(pred, dtype, device), as_input(target, dtype, device)
+        weight = as_input(weight, torch.float32, device)
+        jensen = ops.mc_loss(pred, target, weight, "jensen")
+        lme = ops.mc_loss(pred, target, weight, "logmeanexp", temperature)
+        # both are accumulated in float: allow float32 rounding
+        slack = rounding_slack(pred, target, weight, temperature, torch.float32)
+        assert (lme <= jensen + slack).all(), (m, temperature, lme - jensen, slack)
+
+
+@pytest.mark.parametrize("temperature", [1e-3, 0.1, 1.0, 7.0, 1e3])
+def test_logmeanexp_equals_jensen_for_one_sample(rng, device, temperature):
+    pred, target, weight = (as_input(t, torch.float64, device) for t in draw(rng, 1, 9, (2, 7)))
+    assert_close_to_reference(
+        ops.mc_loss(pred, target, weight, "logmeanexp", temperature),
+        ops.mc_loss(pred, target, weight, "jensen"),
+        torch.float64,
+        f"logmeanexp at T={temperature} vs jensen, M=1",
+    )
+
+
+def test_logmeanexp_equals_jensen_when_every_sample_agrees(rng):
+    # equality in Jensen's inequality holds exactly when the errors do not vary over m
+    one, target, weight = draw(rng, 1, 6, (4,))
+    pred = one.expand(5, *one.shape[1:])
+    assert_close_to_reference(
+        ops.mc_loss(pred, target, weight, "logmeanexp", 0.3), ops.mc_loss(pred, target, weight), torch.float64, "loss"
+    )
+
+
+def test_logmeanexp_is_strictly_tighter_when_samples_differ(rng):
+    pred, target, weight = draw(rng, 6, 8, (10,), spread=1.0)
+    gap = ops.mc_loss(pred, target, weight) - ops.mc_loss(pred, target, weight, "logmeanexp", 0.5)
+    assert (gap > 1e-6).all()
+
+
+def test_logmeanexp_tends_to_jensen_when_hot_and_to_the_best_sample_when_cold(rng):
+    pred, target, weight = draw(rng, 6, 5, (4,))
+    errors = (pred - target).square().mean(-1)  # (M, B)
+    jensen = ops.mc_loss(pred, target, weight, "jensen")
+    hot = ops.mc_loss(pred, target, weight, "logmeanexp", 1e6)
+    assert_close_to_reference(hot, jensen, torch.float32, "T -> inf")
+    # T -> 0: w min_m e_m <= loss <= w min_m e_m + T log M
+    cold_t = 1e-4
+    cold = ops.mc_loss(pred, target, weight, "logmeanexp", cold_t)
+    best = weight * errors.min(0).values
+    assert (cold >= best - 1e-12).all() and (cold <= best + cold_t * math.log(6) + 1e-12).all()
+
+
+def test_jensen_is_the_weighted_mean_squared_error_over_samples_and_positions(rng):
+    pred, target, weight = draw(rng, 3, 4, (2, 5))
+    expected = weight * (pred - target).square().mean(dim=(0, 2, 3))
+    assert_close_to_reference(ops.mc_loss(pred, target, weight), expected, torch.float64, "jensen")
+
+
+def test_logmeanexp_gradient_weights_each_sample_by_its_posterior(rng):
+    # d loss / d pred[m] = softmax_m(-w e / T) * w * d e[m] / d pred[m]: the best samples learn most
+    pred, target, weight = draw(rng, 5, 3, (6,))
+    pred.requires_grad_()
+    ops.mc_loss(pred, target, weight, "logmeanexp", 0.4).sum().backward()
+    errors = (pred.detach() - target).square().mean(-1)
+    posterior = torch.softmax(-weight * errors / 0.4, dim=0)  # (M, B)
+    expected = (posterior * weight)[..., None] * 2 * (pred.detach() - target) / 6
+    assert_close_to_reference(pred.grad, expected, torch.float64, "grad pred")
+
+
+def test_extreme_errors_stay_finite(rng, device):
+    # exp(-w e / T) underflows for every sample: the max-shifted log-sum-exp must not
+    pred, target, weight = (as_input(t, torch.float32, device) for t in draw(rng, 4, 3, (5,)))
+    loss = ops.mc_loss(pred * 1e4, target, weight, "logmeanexp", 1e-3)
+    assert torch.isfinite(loss).all()
+    expected = reference.mc_loss(*(as_reference(t) for t in (pred * 1e4, target, weight)), "logmeanexp", 1e-3)
+    assert_close_to_reference(loss, expected, torch.float32, "loss")
+
+
+# --------------------------------------------------------------------------------------
+# bad input: a Python exception naming the op, the argument and the shapes
+# --------------------------------------------------------------------------------------
+
+
+def good(m=3, b=4):
+    return torch.randn(m, b, 2, 3), torch.randn(b, 2, 3), torch.rand(b) + 0.1
+
+
+P, T, W = good()
+BAD_INPUTS = {
+    "pred of rank 1": ((torch.randn(4), torch.randn(4), W), {}, r"mc_loss.*\bpred\b.*\(M, B, \*S\).*\[4\]"),
+    "target of another rank": ((P, torch.randn(4, 6), W), {}, r"mc_loss.*\btarget\b.*\[4, 2, 3\].*\[4, 6\]"),
+    "target of another shape": ((P, torch.randn(4, 3, 2), W), {}, r"mc_loss.*\btarget\b.*\[4, 3, 2\]"),
+    "target of another B": ((P, torch.randn(5, 2, 3), W), {}, r"mc_loss.*\btarget\b.*\[5, 2, 3\]"),
+    "weight of the wrong length": ((P, T, torch.rand(5)), {}, r"mc_loss.*\bweight\b.*\(4,\).*\[5\]"),
+    "weight of rank 2": ((P, T, torch.rand(4, 1)), {}, r"mc_loss.*\bweight\b.*\[4, 1\]"),
+    "no samples": ((P[:0], T, W), {}, r"mc_loss.*\bpred\b.*\[0, 4, 2, 3\]"),
+    "integer pred": ((P.long(), T.long(), W), {}, r"mc_loss.*\bpred\b.*Long"),
+    "integer target": ((P, T.int(), W), {}, r"mc_loss.*\btarget\b.*Int"),
+    "integer weight": ((P, T, torch.ones(4, dtype=torch.int32)), {}, r"mc_loss.*\bweight\b.*Int"),
+    "target of another float dtype": ((P, T.half(), W), {}, r"mc_loss.*\btarget\b.*Half"),
+    "unknown bound": ((P, T, W), dict(bound="tight"), r"mc_loss.*\bbound\b.*'tight'"),
+    "zero temperature": ((P, T, W), dict(bound="logmeanexp", temperature=0.0), r"mc_loss.*\btemperature\b"),
+    "negative temperature": ((P, T, W), dict(bound="logmeanexp", temperature=-1.0), r"mc_loss.*\btemperature\b"),
+    "nan temperature": ((P, T, W), dict(bound="logmeanexp", temperature=math.nan), r"mc_loss.*\btemperature\b"),
+}
+
+
+@pytest.mark.parametrize("args,kwargs,message", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_raises_an_error_naming_the_argument(args, kwargs, message):
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=message):
+        ops.mc_loss(*args, **kwargs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("on_cuda", ["pred", "target", "weight"])
+def test_mixed_devices_are_rejected(on_cuda):
+    args = dict(zip(("pred", "target", "weight"), good()))
+    args[on_cuda] = args[on_cuda].cuda()
+    with pytest.raises(RuntimeError, match=rf"mc_loss.*device.*\b{on_cuda}\b"):
+        ops.mc_loss(*args.values())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bound", BOUNDS)
+def test_cuda_agrees_with_cpu(rng, bound):
+    pred, target, weight = (t.float() for t in draw(rng, 4, 64, (3, 16, 16)))
+    cpu = ops.mc_loss(pred, target, weight, bound, 0.5)
+    gpu = ops.mc_loss(pred.cuda(), target.cuda(), weight.cuda(), bound, 0.5)
+    assert_close_to_reference(gpu, cpu.double(), torch.float32, "cuda vs cpu")

@@ -1,0 +1,230 @@
+"""The operators as PyTorch sees them: the public contract's names, opcheck (schema, fake
+kernels, autograd wiring) and torch.compile(fullgraph=True) of all three against eager."""
+
+import inspect
+
+import pytest
+import torch
+
+from conftest import as_input, assert_close_to_reference, randn, uniform
+from softmix import ops
+
+# --------------------------------------------------------------------------------------
+# the public contract (DESIGN.md 7): names, argument names and defaults
+# --------------------------------------------------------------------------------------
+
+CONTRACT = {
+    "latent_transform": [("r", None), ("v", None), ("s", None)],
+    "mc_loss": [("pred", None), ("target", None), ("weight", None), ("bound", "jensen"), ("temperature", 1.0)],
+    "denoise_step": [
+        ("x_t", None),
+        ("model_output", None),
+        ("alpha_bar_t", None),
+        ("alpha_bar_prev", None),
+        ("noise", None),
+        ("eta", 1.0),
+        ("prediction_type", "epsilon"),
+        ("clip_sample", None),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", CONTRACT)
+def test_python_wrapper_keeps_the_contract_signature(name):
+    params = list(inspect.signature(getattr(ops, name)).parameters.values())
+    positional = [p for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+    got = [(p.name, None if p.default is p.empty else p.default) for p in positional]
+    assert got == CONTRACT[name]
+
+
+@pytest.mark.parametrize("name", CONTRACT)
+def test_torch_ops_schema_keeps_the_contract_names_and_defaults(name):
+    schema = getattr(torch.ops.softmix, name).default._schema
+    got = [(a.name, a.default_value if a.has_default_value() else None) for a in schema.arguments]
+    assert got == CONTRACT[name]
+
+
+def test_wrappers_and_torch_ops_compute_the_same(rng):
+    r, v, s = randn(rng, 5, 4), randn(rng, 2, 5, 4), uniform(rng, 2, low=0.5, high=1.5)
+    assert torch.equal(ops.latent_transform(r, v, s), torch.ops.softmix.latent_transform(r, v, s))
+    pred, target, weight = randn(rng, 3, 4, 6), randn(rng, 4, 6), uniform(rng, 4)
+    assert torch.equal(ops.mc_loss(pred, target, weight), torch.ops.softmix.mc_loss(pred, target, weight))
+    assert torch.equal(
+        ops.mc_loss(pred, target, weight, "logmeanexp", 0.3),
+        torch.ops.softmix.mc_loss(pred, target, weight, "logmeanexp", 0.3),
+    )
+    x, m, noise = randn(rng, 4, 6), randn(rng, 4, 6), randn(rng, 4, 6)
+    a_t = uniform(rng, 4, low=0.2, high=0.6)
+    for got, expected in zip(
+        ops.denoise_step(x, m, a_t, a_t + 0.1, noise, 0.5, "v_prediction", 1.0),
+        torch.ops.softmix.denoise_step(x, m, a_t, a_t + 0.1, noise, 0.5, "v_prediction", 1.0),
+    ):
+        assert torch.equal(got, expected)
+
+
+# --------------------------------------------------------------------------------------
+# opcheck: schema, fake kernels, autograd registration, AOT dispatch
+# --------------------------------------------------------------------------------------
+
+
+def lt_args(rng, dtype, grad, n=6, d=5, layers=2, per_position=False):
+    s_shape = (layers, n) if per_position else (layers,)
+    return (
+        as_input(randn(rng, n, d), dtype, "cpu", grad),
+        as_input(randn(rng, layers, n, d) * 0.4, dtype, "cpu", grad),
+        as_input(uniform(rng, *s_shape, low=0.5, high=1.5), dtype, "cpu", grad),
+    )
+
+
+def mc_args(rng, dtype, grad, m=3, b=4, bound="jensen", temperature=1.0):
+    weight_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return (
+        as_input(randn(rng, m, b, 2, 3), dtype, "cpu", grad),
+        as_input(randn(rng, b, 2, 3), dtype, "cpu", grad),
+        as_input(uniform(rng, b, low=0.1, high=2.0), weight_dtype, "cpu", grad),
+        bound,
+        temperature,
+    )
+
+
+def step_args(rng, dtype, grad, b=4, eta=1.0, prediction_type="epsilon", clip=None, with_noise=True):
+    a_t = uniform(rng, b, low=0.2, high=0.7)
+    alphas = torch.float64 if dtype == torch.float64 else torch.float32
+    return (
+        as_input(randn(rng, b, 3, 4), dtype, "cpu", grad),
+        as_input(randn(rng, b, 3, 4), dtype, "cpu", grad),
+        a_t.to(alphas),
+        (a_t + 0.1).to(alphas),
+        as_input(randn(rng, b, 3, 4), dtype, "cpu", grad) if with_noise else None,
+        eta,
+        prediction_type,
+        clip,
+    )
+
+
+OPCHECK_CASES = {
+    "latent_transform-s_per_layer": ("latent_transform", lambda rng, dt, g: lt_args(rng, dt, g)),
+    "latent_transform-s_per_position": ("latent_transform", lambda rng, dt, g: lt_args(rng, dt, g, per_position=True)),
+    "latent_transform-L4-D1": ("latent_transform", lambda rng, dt, g: lt_args(rng, dt, g, n=3, d=1, layers=4)),
+    "latent_transform-N0": ("latent_transform", lambda rng, dt, g: lt_args(rng, dt, g, n=0)),
+    "mc_loss-jensen": ("mc_loss", lambda rng, dt, g: mc_args(rng, dt, g)),
+    "mc_loss-logmeanexp": ("mc_loss", lambda rng, dt, g: mc_args(rng, dt, g, bound="logmeanexp", temperature=0.5)),
+    "mc_loss-M1-B0": ("mc_loss", lambda rng, dt, g: mc_args(rng, dt, g, m=1, b=0, bound="logmeanexp")),
+    "mc_loss_with_errors-jensen": ("mc_loss_with_errors", lambda rng, dt, g: mc_args(rng, dt, g)),
+    "mc_loss_with_errors-logmeanexp": (
+        "mc_loss_with_errors",
+        lambda rng, dt, g: mc_args(rng, dt, g, m=5, bound="logmeanexp", temperature=2.0),
+    ),
+    "denoise_step-epsilon": ("denoise_step", lambda rng, dt, g: step_args(rng, dt, g)),
+    "denoise_step-v_prediction-clip": (
+        "denoise_step",
+        lambda rng, dt, g: step_args(rng, dt, g, eta=0.3, prediction_type="v_prediction", clip=1.0),
+    ),
+    "denoise_step-sample-ddim": (
+        "denoise_step",
+        lambda rng, dt, g: step_args(rng, dt, g, eta=0.0, prediction_type="sample"),
+    ),
+    "denoise_step-no_noise": ("denoise_step", lambda rng, dt, g: step_args(rng, dt, g, with_noise=False)),
+    "denoise_step-B0": ("denoise_step", lambda rng, dt, g: step_args(rng, dt, g, b=0, clip=2.0)),
+}
+
+
+def assert_opcheck_passes(name, args):
+    result = torch.library.opcheck(getattr(torch.ops.softmix, name).default, args)
+    assert result and all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "requires_grad"])
+@pytest.mark.parametrize("case", OPCHECK_CASES)
+def test_opcheck(rng, case, requires_grad):
+    name, make_args = OPCHECK_CASES[case]
+    assert_opcheck_passes(name, make_args(rng, torch.float32, requires_grad))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["latent_transform", "mc_loss", "denoise_step"])
+def test_opcheck_other_dtypes(rng, name, dtype):
+    make_args = {"latent_transform": lt_args, "mc_loss": mc_args, "denoise_step": step_args}[name]
+    assert_opcheck_passes(name, make_args(rng, dtype, True))
+
+
+def test_opcheck_backward_ops(rng):
+    # the fused backward kernels are ops too; their fake kernels are what compile traces
+    r, v, s = lt_args(rng, torch.float32, False, per_position=True)
+    assert_opcheck_passes("latent_transform_backward", (torch.randn_like(r), r, v, s))
+    pred, target, weight, bound, temperature = mc_args(rng, torch.float32, False, bound="logmeanexp", temperature=0.5)
+    _, errors = torch.ops.softmix.mc_loss_with_errors(pred, target, weight, bound, temperature)
+    assert_opcheck_passes(
+        "mc_loss_backward", (torch.rand(pred.shape[1]), pred, target, weight, errors, bound, temperature)
+    )
+    x, m, a_t, a_prev, _, eta, prediction_type, clip = step_args(
+        rng, torch.float32, False, eta=0.5, prediction_type="v_prediction", clip=1.0
+    )
+    assert_opcheck_passes(
+        "denoise_step_backward",
+        (torch.randn_like(x), torch.randn_like(x), x, m, a_t, a_prev, eta, prediction_type, clip),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# torch.compile
+# --------------------------------------------------------------------------------------
+
+
+def smd_pipeline(r, v, s, pred, target, weight, x, m, a_t, a_prev, noise):
+    """All three ops in one graph, each feeding the next: head, loss, sampler step."""
+    y = ops.latent_transform(r, v, s)
+    loss = ops.mc_loss(pred + y.mean(), target, weight, "logmeanexp", 0.5)
+    jensen = ops.mc_loss(pred, target, weight)
+    x_prev, x0 = ops.denoise_step(x, m * loss.mean(), a_t, a_prev, noise, 0.5, "v_prediction", 1.5)
+    return y.square().sum() + loss.sum() + jensen.sum() + x_prev.square().sum() + x0.sum()
+
+
+def pipeline_inputs(rng, n=6, b=4):
+    return [
+        randn(rng, n, 5).float().requires_grad_(),
+        (0.4 * randn(rng, 2, n, 5)).float().requires_grad_(),
+        uniform(rng, 2, n, low=0.5, high=1.5).float().requires_grad_(),
+        randn(rng, 3, b, 2, 3).float().requires_grad_(),
+        randn(rng, b, 2, 3).float().requires_grad_(),
+        uniform(rng, b, low=0.1, high=2.0).float().requires_grad_(),
+        randn(rng, b, 3, 4).float().requires_grad_(),
+        randn(rng, b, 3, 4).float().requires_grad_(),
+        torch.full((b,), 0.4),
+        torch.full((b,), 0.5),
+        randn(rng, b, 3, 4).float().requires_grad_(),
+    ]
+
+
+def run_and_grad(fn, inputs):
+    leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    out = fn(*leaves)
+    out.backward()
+    return out.detach(), [t.grad for t in leaves]
+
+
+def assert_matches_eager(compiled, rng, n=6, b=4):
+    inputs = pipeline_inputs(rng, n, b)
+    expected, expected_grads = run_and_grad(smd_pipeline, inputs)
+    got, grads = run_and_grad(compiled, inputs)
+    assert_close_to_reference(got, expected.double(), torch.float32, "compiled output")
+    for i, (g, e) in enumerate(zip(grads, expected_grads)):
+        assert (g is None) == (e is None), i
+        if e is not None:
+            assert_close_to_reference(g, e.double(), torch.float32, f"compiled grad of input {i}")
+
+
+def test_torch_compile_fullgraph_of_all_three_ops_matches_eager(rng):
+    torch._dynamo.reset()
+    assert_matches_eager(torch.compile(smd_pipeline, fullgraph=True), rng)
+
+
+def test_torch_compile_fullgraph_with_dynamic_shapes_matches_eager(rng):
+    # the fake kernels must give symbolic shapes: one graph serves several batch sizes
+    torch._dynamo.reset()
+    compiled = torch.compile(smd_pipeline, fullgraph=True, dynamic=True)
+    # sizes distinct from each other and from the fixed dims (2, 3, 4, 5), or duck sizing
+    # would tie them together and the second call would recompile
+    assert_matches_eager(compiled, rng, n=7, b=9)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert_matches_eager(compiled, rng, n=11, b=13)
