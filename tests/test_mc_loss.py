@@ -138,12 +138,6 @@ def test_empty_batch_gives_empty_loss_and_gradients(rng, device, bound):
     assert pred.grad.shape == (3, 0, 4, 2) and target.grad.shape == (0, 4, 2) and weight.grad.shape == (0,)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="reference.mc_loss flattens dims from 2 on, so S = () (pred (M, B), target (B,)) raises IndexError; "
-    "the op accepts it. Fix in reference.py, then drop this marker.",
-)
 @pytest.mark.parametrize("bound", BOUNDS)
 def test_one_value_per_example_matches_float64_reference(rng, bound):
     # S = (): pred (M, B), target (B,), e[m, b] is the single squared difference
@@ -153,7 +147,7 @@ def test_one_value_per_example_matches_float64_reference(rng, bound):
 
 
 def test_one_value_per_example_is_the_squared_difference(rng, device):
-    # the same S = () case against the formula written out, until the reference handles it
+    # the same S = () case against the formula written out
     pred, target, weight = (as_input(t, torch.float64, device) for t in draw(rng, 5, 7, ()))
     errors = (pred - target).square()
     expected_jensen = weight * errors.mean(0)

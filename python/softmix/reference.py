@@ -65,7 +65,9 @@ def mc_loss(
     - ``"logmeanexp"``: ``-T log mean_m exp(-weight[b] e[m, b] / T)``
     """
     num_samples = pred.shape[0]
-    err = (pred - target.unsqueeze(0)).square().flatten(2).mean(-1)  # (M, B)
+    err = (pred - target.unsqueeze(0)).square()
+    if err.dim() > 2:  # S = () leaves one squared difference per example
+        err = err.flatten(2).mean(-1)  # (M, B)
     if bound == "jensen":
         return weight * err.mean(0)
     if bound == "logmeanexp":
