@@ -98,3 +98,44 @@ def test_ema_follows_the_formula():
     other = EMA(nn.Linear(2, 2), decay=0.5)
     other.load_state_dict(ema.state_dict())
     assert torch.equal(other.shadow["weight"], ema.shadow["weight"]) and other.decay == 0.9
+
+
+@pytest.mark.parametrize("imports", ["diffusers, softmix", "softmix, diffusers"])
+def test_a_diffusers_pipeline_saves_and_reloads_its_smd_unet(tmp_path, imports):
+    # Without softmix listed in diffusers' loadable classes, save_pretrained skips the UNet
+    # with a warning. The reload runs in a fresh process, importing softmix first as diffusers
+    # asks (it imports no library just because model_index.json names it).
+    import subprocess
+    import sys
+
+    import diffusers
+
+    model = _perturbed(SMD(tiny_unet2d(), latent_dim=8))
+    pipe = diffusers.DDIMPipeline(unet=model, scheduler=diffusers.DDIMScheduler(num_train_timesteps=20))
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["unet"] == ["softmix", "SMD"]
+
+    def images(p):
+        p.set_progress_bar_config(disable=True)
+        return p(batch_size=2, num_inference_steps=4, eta=0.0, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+
+    torch.manual_seed(5)  # eta of the SMD head comes from the global generator
+    expected = images(pipe)
+    script = (
+        f"import sys, numpy, torch, {imports}\n"
+        "pipe = diffusers.DDIMPipeline.from_pretrained(sys.argv[1])\n"
+        "pipe.set_progress_bar_config(disable=True)\n"
+        "torch.manual_seed(5)\n"
+        "out = pipe(batch_size=2, num_inference_steps=4, eta=0.0, output_type='np',\n"
+        "           generator=torch.Generator().manual_seed(0)).images\n"
+        "print(type(pipe.unet).__module__, type(pipe.unet).__name__)\n"
+        "numpy.save(sys.argv[2], out)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(tmp_path / "out.npy")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "softmix.wrap SMD" in done.stdout
+    import numpy as np
+
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
