@@ -3,13 +3,24 @@
 Every file goes to a temporary name in the same directory, is flushed and fsynced, then
 renamed over the final name with ``os.replace`` (atomic on POSIX and Windows): a crash while
 writing leaves the previous file intact, never a half-written one.
+
+Training runs keep a series of checkpoints, each a whole directory written the same way
+(``atomic_directory``: a hidden temporary directory beside it, renamed into place once every
+file is written and fsynced)::
+
+    RUN/checkpoints/step-000100/      complete checkpoints, one per save
+    RUN/checkpoints/.step-000200.tmp-*  a save in progress, or torn by a crash: ignored,
+                                        removed by ``remove_partial_checkpoints``
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +38,13 @@ __all__ = [
     "load_smd",
     "SMD_CONFIG_NAME",
     "WEIGHTS_NAME",
+    "CHECKPOINTS_DIR",
+    "atomic_directory",
+    "checkpoint_dir_name",
+    "list_checkpoints",
+    "remove_partial_checkpoints",
+    "prune_checkpoints",
+    "replace_with_link",
 ]
 
 SMD_CONFIG_NAME = "smd_config.json"
@@ -53,6 +71,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a directory (directories: so a rename in them is durable; not on Windows)."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_json(path: str | os.PathLike, obj: Any) -> None:
@@ -196,3 +229,113 @@ def load_smd(
     state = load_tensors(path / WEIGHTS_NAME, map_location=map_location)
     load_state_into(model, state, str(path / WEIGHTS_NAME))
     return model.to(map_location)
+
+
+# ---------------------------------------------------------------------- checkpoint series
+
+CHECKPOINTS_DIR = "checkpoints"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+_PARTIAL_RE = re.compile(r"^\.step-\d+\.(tmp|trash)-")
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """``step-000100``: zero-padded so that a listing sorts by step (up to a million steps)."""
+    return f"step-{int(step):06d}"
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike):
+    """Yield a temporary directory beside ``path``; on a clean exit move it onto ``path``.
+
+    Every file in it is fsynced and the directory renamed into place, so ``path`` appears
+    complete or not at all. On an exception the temporary directory is removed; a crash
+    (``SIGKILL``, power loss) leaves it behind under a hidden ``.NAME.tmp-*`` name, which
+    ``list_checkpoints`` ignores. An existing ``path`` is replaced: it is first renamed to a
+    hidden ``.NAME.trash-*`` name, so at no moment does a half-written ``path`` exist.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            _fsync_path(f)
+        _fsync_path(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700)
+        if path.exists():
+            trash = path.parent / f".{path.name}.trash-{os.getpid()}"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.rename(path, trash)
+            os.rename(tmp, path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+        _fsync_path(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def list_checkpoints(run_dir: str | os.PathLike, is_complete: Callable[[Path], bool] | None = None) -> list[tuple[int, Path]]:
+    """``[(step, path), ...]`` of the checkpoints under ``run_dir/checkpoints``, oldest first.
+
+    Temporary and torn directories are skipped, and so is any checkpoint for which
+    ``is_complete(path)`` is false (a file missing or of the wrong size).
+    """
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = _STEP_RE.match(entry.name)
+        if match and entry.is_dir() and (is_complete is None or is_complete(entry)):
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def remove_partial_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary directories that interrupted saves left under ``run_dir/checkpoints``."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    removed = []
+    for entry in root.iterdir():
+        if _PARTIAL_RE.match(entry.name):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int, is_complete: Callable[[Path], bool] | None = None) -> list[Path]:
+    """Delete all but the ``keep`` newest complete checkpoints; returns the deleted paths.
+
+    Each is renamed to a hidden trash name before it is deleted, so an interrupted deletion
+    never leaves a half-deleted ``step-N`` directory that looks like a checkpoint.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    removed = []
+    for step, path in list_checkpoints(run_dir, is_complete)[:-keep]:
+        trash = path.parent / f".{path.name}.trash-{os.getpid()}"
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def replace_with_link(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Make ``dst`` a copy of ``src`` atomically: a hard link (a copy where links fail) under
+    a temporary name, then ``os.replace``. ``src`` must never be modified in place."""
+    dst = Path(dst)
+    tmp = dst.parent / f".{dst.name}.link-{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+            _fsync_path(tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

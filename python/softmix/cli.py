@@ -1,6 +1,7 @@
 """``python -m softmix`` / ``softmix``: train, sample and compare on built-in data.
 
     softmix train   --data gmm --iters 2000 --out runs/smd
+    torchrun --nproc_per_node=2 -m softmix train --data gmm --iters 2000 --out runs/smd
     softmix sample  --checkpoint runs/smd --num 2000 --steps 10 --out samples.png
     softmix compare --data gmm --iters 2000 --sample-steps 4,10 --out runs/compare
 
@@ -30,6 +31,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -53,11 +64,14 @@ def _steps_list(text: str) -> list[int]:
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     from softmix.loss import BOUNDS
     from softmix.schedule import PREDICTION_TYPES, SCHEDULE_KINDS
+    from softmix.train import PRECISIONS
 
     p.add_argument("--data", default="gmm", help="gmm | gmm-ring | digits | a folder of images (default gmm)")
     p.add_argument("--iters", type=_positive_int, default=2000, help="training steps (default 2000)")
-    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--batch-size", type=_positive_int, default=256,
+                   help="global batch size (split over the processes under torchrun; default 256)")
     p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--lr-warmup", type=_nonnegative_int, default=0, help="linear learning-rate warm-up steps")
     p.add_argument("--num-steps", type=_positive_int, default=1000, help="diffusion steps T of the training schedule")
     p.add_argument("--schedule", choices=SCHEDULE_KINDS, default="linear")
     p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="epsilon")
@@ -74,7 +88,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=_positive_int, default=32, help="image folders are resized to this")
     p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="image folders: 1 grey or 3 RGB")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun each process takes cuda:LOCAL_RANK)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32, or autocast to bf16 / fp16 (fp16 with a gradient scaler)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="activation checkpointing: recompute the backbone's blocks in the backward pass")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip steps whose loss or gradients are not finite (default: stop with an error)")
+    p.add_argument("--max-skips", type=_nonnegative_int, default=10,
+                   help="with --skip-nonfinite, stop after more than this many non-finite steps in a row")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -102,9 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an SMD (or --plain) model and write a checkpoint")
     _add_train_args(p)
     p.add_argument("--plain", action="store_true", help="train the plain model (no SMD head)")
-    p.add_argument("--out", required=True, help="checkpoint directory")
+    p.add_argument("--out", required=True, help="run directory (checkpoints/step-N/ plus the latest checkpoint's files)")
     p.add_argument("--save-every", type=_positive_int, default=None, help="also checkpoint every N steps")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--keep", type=_positive_int, default=None, help="keep only the newest N checkpoints (default all)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest complete checkpoint (its saved settings; "
+                        "--iters, and --compile / --grad-checkpoint / --skip-nonfinite when given, apply)")
 
     p = sub.add_parser("sample", help="draw samples from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="directory written by `softmix train`")
@@ -152,6 +178,8 @@ def _config_from_args(args, smd: bool):
         num_samples=args.num_samples, bound=args.bound, temperature=args.temperature,
         ema_decay=args.ema_decay, seed=args.seed, hidden=args.hidden, layers=args.layers,
         num_data=args.num_data, image_size=args.image_size, channels=args.channels, device=args.device,
+        lr_warmup=args.lr_warmup, precision=args.precision, compile=args.compile,
+        grad_checkpoint=args.grad_checkpoint, skip_nonfinite=args.skip_nonfinite, max_skips=args.max_skips,
     )
 
 
@@ -176,35 +204,71 @@ def _build_trainer(parser, cfg):
 
     try:
         return Trainer(cfg)
-    except ValueError as err:  # bad injection names, unreadable images, ...
+    except ValueError as err:  # bad injection names, unreadable images, batch vs processes...
         parser.error(str(err))
 
 
+def _holds_run(out: Path) -> bool:
+    """Whether ``out`` already holds a training run (checkpoints or a flat checkpoint)."""
+    if any((out / "checkpoints").glob("step-*")):
+        return True
+    try:
+        return json.loads((out / "config.json").read_text()).get("format") == "softmix-train"
+    except (OSError, ValueError):
+        return False
+
+
 def cmd_train(parser, args) -> int:
+    from softmix import distributed
+
+    try:
+        return _train(parser, args)
+    finally:
+        distributed.cleanup()  # under torchrun: leave the process group on every exit path
+
+
+def _train(parser, args) -> int:
+    from softmix import distributed
     from softmix.checkpoint import CheckpointError
-    from softmix.train import Trainer
+    from softmix.train import NonFiniteError, Trainer
 
     _check_train(parser, args)
+    world = distributed.env_world_size()
+    if not args.resume and args.batch_size % world:
+        parser.error(f"--batch-size {args.batch_size} is the global batch and must be divisible by the "
+                     f"number of processes ({world})")
     out = Path(args.out)
     if args.resume:
+        overrides = {"iters": args.iters}
+        for flag in ("compile", "grad_checkpoint", "skip_nonfinite"):
+            if getattr(args, flag):
+                overrides[flag] = True
         try:
-            trainer = Trainer.resume(out)
+            trainer = Trainer.resume(out, **overrides)
         except CheckpointError as err:
             parser.error(f"--resume: {err}")
-        trainer.cfg.iters = args.iters
+        except ValueError as err:
+            parser.error(f"--resume: {err}")
     else:
+        if _holds_run(out):
+            parser.error(f"--out {args.out} already holds a training run; pass --resume to continue it, "
+                         "or choose another --out")
         trainer = _build_trainer(parser, _config_from_args(args, smd=not args.plain))
-    callback = None
-    if args.save_every:
-        def callback(tr):
-            if tr.step % args.save_every == 0:
-                tr.save(out)
+    main_rank = trainer.dist.is_main
     start = time.time()
-    losses = trainer.train(progress=not args.no_progress, callback=callback)
-    trainer.save(out)
-    tail = losses[-min(50, len(losses)):] if losses else [float("nan")]
-    print(f"trained {'SMD' if trainer.cfg.smd else 'plain'} model for {trainer.step} steps in "
-          f"{time.time() - start:.1f}s; final loss {sum(tail) / len(tail):.4f}; checkpoint: {out}")
+    try:
+        losses = trainer.train(progress=not args.no_progress, out=out, save_every=args.save_every, keep=args.keep)
+    except NonFiniteError as err:
+        if main_rank:
+            print(f"softmix train: error: {err}", file=sys.stderr)
+        return 1
+    if main_rank:
+        tail = [v for v in losses[-50:] if v == v and abs(v) != float("inf")] or [float("nan")]
+        procs = f" on {trainer.dist.world_size} processes" if trainer.dist.distributed else ""
+        skipped = f"; skipped {trainer.skipped_steps} non-finite steps" if trainer.skipped_steps else ""
+        print(f"trained {'SMD' if trainer.cfg.smd else 'plain'} model for {trainer.step} steps{procs} in "
+              f"{time.time() - start:.1f}s; final loss {sum(tail) / len(tail):.4f}{skipped}; "
+              f"checkpoint: {trainer.last_checkpoint}")
     return 0
 
 
@@ -257,6 +321,10 @@ def cmd_compare(parser, args) -> int:
     from softmix.plots import plot_compare
 
     _check_train(parser, args)
+    from softmix.distributed import env_world_size
+
+    if env_world_size() > 1:
+        parser.error("compare runs in one process; use torchrun with `softmix train`")
     for s in args.sample_steps:
         if s > args.num_steps:
             parser.error(f"--sample-steps {s} is larger than the schedule's --num-steps {args.num_steps}")

@@ -168,16 +168,20 @@ def training_loss(
         pred = model_output_tensor(out).reshape(m, *x0.shape)
     else:
         pred = model_output_tensor(model(x_t, t, **model_kwargs)).unsqueeze(0)
+    # Weights stay in (at least) float32: under autocast the prediction is bf16 / fp16, and
+    # rounding w_t or k_t (up to ~1e4) to 8 bits would change the bound's sharpness; mc_loss
+    # accumulates in float32 and takes a float32 weight with a half prediction.
+    w_dtype = torch.promote_types(pred.dtype, torch.float32)
     if weight is None:
-        w = torch.ones(b, device=device, dtype=pred.dtype)
+        w = torch.ones(b, device=device, dtype=w_dtype)
     elif callable(weight):
-        w = torch.as_tensor(weight(t), device=device, dtype=pred.dtype).reshape(b)
+        w = torch.as_tensor(weight(t), device=device, dtype=w_dtype).reshape(b)
     else:
-        w = torch.as_tensor(weight, device=device, dtype=pred.dtype).reshape(b)
+        w = torch.as_tensor(weight, device=device, dtype=w_dtype).reshape(b)
     if bound == "posterior":
         # -(T / k) log mean exp(-k w e / T) = mc_loss(weight = k w) / k
         features = x0[0].numel()
-        k = step_precision(schedule, t, features, prediction_type, min_variance).to(device, pred.dtype)
+        k = step_precision(schedule, t, features, prediction_type, min_variance).to(device, w_dtype)
         per_example = ops.mc_loss(pred, target.to(pred.dtype), w * k, bound="logmeanexp", temperature=temperature) / k
     else:
         per_example = ops.mc_loss(pred, target.to(pred.dtype), w, bound=bound, temperature=temperature)

@@ -4,6 +4,11 @@
 (8x8 digits, a folder of images). Both are called as ``net(x_t, t)`` and predict a tensor of
 the shape of ``x_t``. Their first and last registered layers are the input and output
 projections, so ``SMD``'s automatic injection points land where DESIGN.md puts them.
+
+Setting ``net.gradient_checkpointing = True`` recomputes each residual block in the backward
+pass instead of keeping its activations (``torch.utils.checkpoint``, non-reentrant): less
+memory for one more forward pass of the blocks. The input and output projections, where
+SMD injects by default, stay outside the checkpointed blocks.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from softmix.head import timestep_embedding
 
@@ -26,6 +32,8 @@ class MLPDenoiser(nn.Module):
     functions and blurs sharp, many-moded data such as the 7x7 toy (modes of std 0.033);
     the features let it resolve them.
     """
+
+    gradient_checkpointing = False  # recompute each block in the backward pass (saves memory)
 
     def __init__(self, features: int = 2, hidden: int = 128, layers: int = 3, time_dim: int = 32,
                  fourier: int = 0, fourier_scale: float = 4.0):
@@ -59,7 +67,10 @@ class MLPDenoiser(nn.Module):
             x = torch.cat([x, proj.sin(), proj.cos()], dim=-1)
         h = self.in_proj(x) + self.time(timestep_embedding(t, self.time_dim).to(x.dtype))
         for block in self.blocks:
-            h = h + block(h)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h = h + checkpoint(block, h, use_reentrant=False)
+            else:
+                h = h + block(h)
         return self.out_proj(F.silu(self.norm(h)))
 
 
@@ -82,6 +93,8 @@ class ConvDenoiser(nn.Module):
     """``(B, C, H, W), (B,) -> (B, C, H, W)``: a small all-convolutional residual net
     (no down-sampling: meant for tiny images such as 8x8 digits)."""
 
+    gradient_checkpointing = False  # recompute each block in the backward pass (saves memory)
+
     def __init__(self, channels: int = 1, hidden: int = 64, blocks: int = 3, time_dim: int = 64, groups: int = 8):
         super().__init__()
         self.channels, self.hidden, self.blocks_n, self.time_dim, self.groups = channels, hidden, blocks, time_dim, groups
@@ -100,7 +113,10 @@ class ConvDenoiser(nn.Module):
         temb = self.time(timestep_embedding(t, self.time_dim).to(x.dtype))
         h = self.conv_in(x)
         for block in self.blocks:
-            h = block(h, temb)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(block, h, temb, use_reentrant=False)
+            else:
+                h = block(h, temb)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
