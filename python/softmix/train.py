@@ -12,8 +12,8 @@ A run directory ``OUT`` (``Trainer.train(out=OUT)``, ``softmix train --out OUT``
         ema.safetensors              their exponential moving average (used for sampling)
         trainer_state.pt             optimiser, EMA, schedules, generator/RNG states, losses
     OUT/config.json, OUT/*.safetensors, OUT/trainer_state.pt
-                                     the latest checkpoint again (hard links), for readers of
-                                     the flat layout (``softmix sample --checkpoint OUT``)
+                                     the latest checkpoint again (hard links where the file
+                                     system has them), for readers of the flat layout
 
 Each checkpoint directory is written whole into a hidden temporary directory and renamed
 into place (``softmix.checkpoint.atomic_directory``); a crash mid-save leaves the previous
@@ -594,7 +594,8 @@ def find_checkpoint(directory: str | os.PathLike, require_state: bool = False) -
     found = list_checkpoints(directory, is_complete=_is_complete)
     if found:
         return found[-1][1]
-    if (directory / "checkpoints").is_dir() and not (directory / CONFIG_NAME).is_file():
+    if (directory / "checkpoints").is_dir():
+        # a run directory: its flat files mirror one of these checkpoints, so no fallback
         raise CheckpointError(f"no complete checkpoint under {directory / 'checkpoints'}")
     _read_meta(directory)
     if require_state and not (directory / STATE_NAME).is_file():

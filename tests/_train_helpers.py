@@ -1,0 +1,58 @@
+"""Shared pieces of the trainer tests (tests/test_train_*.py): tiny settings, subprocess runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# A model and data small enough that 30 steps take well under a second.
+TINY = ["--batch-size", "64", "--num-steps", "20", "--hidden", "32", "--layers", "1", "--latent-dim", "4",
+        "--num-samples", "4", "--num-data", "512", "--no-progress"]
+TINY_CONFIG = dict(batch_size=64, num_steps=20, hidden=32, layers=1, latent_dim=4, num_samples=4, num_data=512)
+
+
+def subprocess_env() -> dict[str, str]:
+    """One thread per process: exact comparisons need the same thread count in every run, and
+    the test machine is shared (two spinning OpenMP threads per process slow it tenfold)."""
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def run(args: list[str], check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python ARGS`` in a fresh process; on an unexpected exit status, fail with its output."""
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=subprocess_env(),
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"python {' '.join(args)} exited with {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def softmix_train(out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run(["-m", "softmix", "train", "--data", "gmm", "--out", str(out), *TINY, *extra], check=check)
+
+
+def torchrun_train(out: Path, nproc: int, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=NPROC -m softmix train ...`` (gloo on the CPU)."""
+    return run(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                "-m", "softmix", "train", "--data", "gmm", "--out", str(out), *TINY, *extra], check=check)
+
+
+def trainer_state(path: Path) -> dict:
+    return torch.load(Path(path) / "trainer_state.pt", map_location="cpu", weights_only=False)
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test with one intra-op thread (see ``subprocess_env``), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

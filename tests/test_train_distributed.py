@@ -1,0 +1,77 @@
+"""Training under torchrun (DDP, gloo on the CPU): the global batch is split over the ranks,
+the ranks stay identical, and K processes follow one process's trajectory."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from softmix.cli import main
+from softmix.train import TrainConfig, Trainer, load_trained
+
+from _train_helpers import TINY, run, softmix_train, torchrun_train, trainer_state, one_thread  # noqa: F401
+
+WORKER = Path(__file__).parent / "_ddp_worker.py"
+
+
+def _assert_same_function(a, b, shape):
+    """The two models predict the same for fixed inputs and eta. (Not parameter by parameter:
+    a bias right before a normalisation has no true gradient, and Adam turns the rounding
+    noise of its gradient into lr-sized steps, which the normalisation then cancels.)"""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(32, *shape, generator=g)
+    t = torch.randint(0, 20, (32,), generator=g)
+    eta = a.sample_eta(x, g)
+    with torch.no_grad():
+        torch.testing.assert_close(a.eval()(x, t, eta=eta), b.eval()(x, t, eta=eta), rtol=1e-4, atol=1e-5)
+
+
+def test_torchrun_two_processes_follow_one_process(tmp_path):
+    ddp, one = tmp_path / "ddp", tmp_path / "one"
+    proc = torchrun_train(ddp, 2, "--iters", "20", "--save-every", "10")
+    assert proc.stdout.count("trained SMD model for 20 steps on 2 processes") == 1, proc.stdout  # rank 0 only
+    softmix_train(one, "--iters", "20", "--save-every", "10")
+    for path in (ddp, one):
+        assert sorted(os.listdir(path / "checkpoints")) == ["step-000010", "step-000020"]
+        model, schedule, cfg, shape = load_trained(path)
+        assert type(model).__name__ == "SMD" and shape == (2,) and cfg.batch_size == 64
+        assert json.loads((path / "config.json").read_text())["step"] == 20
+    assert json.loads((ddp / "config.json").read_text())["world_size"] == 2
+    # batch_size is the global batch: 2 ranks x 32 examples, drawn as one process draws 64,
+    # so the trajectories agree up to the rounding of the gradient all-reduce
+    a, b = trainer_state(ddp)["losses"], trainer_state(one)["losses"]
+    assert len(a) == len(b) == 20
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=0)
+    _assert_same_function(load_trained(ddp, ema=False)[0], load_trained(one, ema=False)[0], (2,))
+
+
+@pytest.mark.parametrize("data", ["digits"])
+def test_ranks_hold_identical_parameters_and_draw_different_batches(tmp_path, data, one_thread):
+    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), str(tmp_path), data])
+    facts = json.loads((tmp_path / "facts.json").read_text())
+    assert [f["rank"] for f in facts] == [0, 1]
+    r0, r1 = facts
+    assert r0["wrapper"] == "DistributedDataParallel" and r0["world_size"] == 2 and r0["local_batch"] == 8
+    assert r0["params"] == r1["params"], "the ranks' parameters drifted apart"
+    assert r0["ema"] == r1["ema"]
+    assert r0["losses"] == r1["losses"]  # the all-reduced mean
+    for key in ("x0", "t", "noise", "eta"):
+        assert r0["first_batch"][key] != r1["first_batch"][key], f"both ranks drew the same {key}"
+    # the same run in one process (batch 16 at once) reaches the same weights
+    single = Trainer(TrainConfig(data=data, iters=10, batch_size=16, num_steps=20, hidden=8, layers=1,
+                                 latent_dim=4, num_samples=2, num_data=256))
+    losses = single.train(progress=False)
+    torch.testing.assert_close(torch.tensor(r0["losses"]), torch.tensor(losses), rtol=1e-5, atol=0)
+    _assert_same_function(load_trained(tmp_path, ema=False)[0], single.model, (1, 8, 8))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-000005", "step-000010"]
+
+
+def test_global_batch_must_split_evenly(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--out", str(tmp_path / "o"), *TINY, "--batch-size", "63"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--batch-size 63" in err and "number of processes (2)" in err, err
