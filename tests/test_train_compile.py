@@ -32,11 +32,13 @@ def _inputs(model, shape, m):
 
 
 @pytest.mark.parametrize("net", list(NETS))
-@pytest.mark.parametrize("inject", ["auto", "output"])
-def test_the_wrapped_forward_is_one_graph(net, inject, one_thread):
+@pytest.mark.parametrize("inject, checkpointed", [("auto", False), ("output", False), ("auto", True)])
+def test_the_wrapped_forward_is_one_graph(net, inject, checkpointed, one_thread):
     make, shape = NETS[net]
     torch.manual_seed(0)
-    model = _live(SMD(make(), latent_dim=4, inject=inject))
+    denoiser = make()
+    denoiser.gradient_checkpointing = checkpointed  # torch.utils.checkpoint traces too
+    model = _live(SMD(denoiser, latent_dim=4, inject=inject))
     for m in (1, 4):  # one eta per example, and the Monte Carlo fan-out of training_loss
         x, t, eta = _inputs(model, shape, m)
         torch._dynamo.reset()
@@ -109,7 +111,7 @@ def test_grad_checkpoint_gives_the_same_gradients_with_less_saved(data, shape, o
     (plain_bytes, plain), (ckpt_bytes, ckpt) = (_saved_bytes_and_grads(m, x0, fixed) for m in models)
     for name in plain:
         assert torch.equal(plain[name], ckpt[name]), name
-    assert ckpt_bytes < 0.8 * plain_bytes, (ckpt_bytes, plain_bytes)
+    assert ckpt_bytes < 0.9 * plain_bytes, (ckpt_bytes, plain_bytes)  # measured 0.78 (mlp), 0.55 (conv)
 
 
 def test_grad_checkpoint_refuses_injection_inside_a_block():

@@ -75,3 +75,15 @@ def test_global_batch_must_split_evenly(tmp_path, capsys, monkeypatch):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--batch-size 63" in err and "number of processes (2)" in err, err
+
+
+def test_a_torchrun_run_resumes_exactly(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    torchrun_train(whole, 2, "--iters", "30", "--save-every", "10")
+    torchrun_train(parts, 2, "--iters", "20", "--save-every", "10")
+    torchrun_train(parts, 2, "--iters", "30", "--save-every", "10", "--resume")
+    a, b = trainer_state(whole), trainer_state(parts)
+    assert len(b["rank_rng"]) == 2  # each rank's global RNG state travelled with the checkpoint
+    assert a["losses"] == b["losses"] and len(a["losses"]) == 30
+    wa, wb = load_trained(whole)[0].state_dict(), load_trained(parts)[0].state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
