@@ -87,3 +87,21 @@ def test_a_torchrun_run_resumes_exactly(tmp_path):
     assert a["losses"] == b["losses"] and len(a["losses"]) == 30
     wa, wb = load_trained(whole)[0].state_dict(), load_trained(parts)[0].state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_fsdp_shards_an_smd_model_like_any_module(tmp_path, one_thread):
+    """FSDP2 around the SMD wrapper (and its backbone's blocks) trains as one process does."""
+    import _fsdp_worker as worker
+
+    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER.parent / "_fsdp_worker.py"),
+         str(tmp_path)])
+    sharded = torch.load(tmp_path / "fsdp.pt", weights_only=False)
+    assert sharded["class"] == "FSDPSMD"
+    single = worker.model()
+    losses = worker.train(single)
+    torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(losses), rtol=1e-5, atol=0)
+    reference = single.state_dict()
+    assert sharded["state"].keys() == reference.keys()
+    probe = worker.model()
+    probe.load_state_dict(sharded["state"])
+    _assert_same_function(probe, single, (2,))
