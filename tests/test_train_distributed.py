@@ -11,7 +11,7 @@ import torch
 from softmix.cli import main
 from softmix.train import TrainConfig, Trainer, load_trained
 
-from _train_helpers import TINY, run, softmix_train, torchrun_train, trainer_state, one_thread  # noqa: F401
+from _train_helpers import TINY, one_thread, softmix_train, torchrun, torchrun_train, trainer_state  # noqa: F401
 
 WORKER = Path(__file__).parent / "_ddp_worker.py"
 
@@ -49,7 +49,7 @@ def test_torchrun_two_processes_follow_one_process(tmp_path):
 
 @pytest.mark.parametrize("data", ["digits"])
 def test_ranks_hold_identical_parameters_and_draw_different_batches(tmp_path, data, one_thread):
-    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), str(tmp_path), data])
+    torchrun([str(WORKER), str(tmp_path), data])
     facts = json.loads((tmp_path / "facts.json").read_text())
     assert [f["rank"] for f in facts] == [0, 1]
     r0, r1 = facts
@@ -93,8 +93,7 @@ def test_fsdp_shards_an_smd_model_like_any_module(tmp_path, one_thread):
     """FSDP2 around the SMD wrapper (and its backbone's blocks) trains as one process does."""
     import _fsdp_worker as worker
 
-    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER.parent / "_fsdp_worker.py"),
-         str(tmp_path)])
+    torchrun([str(WORKER.parent / "_fsdp_worker.py"), str(tmp_path)])
     sharded = torch.load(tmp_path / "fsdp.pt", weights_only=False)
     assert sharded["class"] == "FSDPSMD"
     single = worker.model()
