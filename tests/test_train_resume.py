@@ -12,7 +12,7 @@ from softmix.checkpoint import list_checkpoints
 from softmix.cli import main
 from softmix.train import TrainConfig, Trainer, find_checkpoint, load_trained
 
-from _train_helpers import TINY, TINY_CONFIG, one_thread, run, softmix_train, trainer_state  # noqa: F401
+from _train_helpers import TINY, TINY_CONFIG, one_thread, run, trainer_state  # noqa: F401
 
 RUN = ["--iters", "30", "--save-every", "10", "--lr-warmup", "5"]
 

@@ -62,7 +62,7 @@ from softmix.ema import EMA
 from softmix.loss import DEFAULT_NUM_SAMPLES, training_loss
 from softmix.nets import ConvDenoiser, MLPDenoiser
 from softmix.schedule import NoiseSchedule
-from softmix.wrap import SMD, _unwrap
+from softmix.wrap import SMD
 
 __all__ = [
     "TrainConfig",
