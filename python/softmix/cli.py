@@ -3,7 +3,7 @@
     softmix train   --data gmm --iters 2000 --out runs/smd
     torchrun --nproc_per_node=2 -m softmix train --data gmm --iters 2000 --out runs/smd
     softmix sample  --checkpoint runs/smd --num 2000 --steps 10 --out samples.png
-    softmix compare --data gmm --iters 2000 --sample-steps 4,10 --out runs/compare
+    softmix compare --data gmm --iters 3000 --num-steps 4 --sample-steps 4 --out runs/compare
 
 ``--data`` is ``gmm`` (7x7 grid of Gaussians, the paper's toy), ``gmm-ring`` (8 on a circle),
 ``digits`` (scikit-learn's 8x8 digits) or a folder of images.
@@ -77,13 +77,17 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="epsilon")
     p.add_argument("--latent-dim", type=_positive_int, default=16, help="SMD latent size D")
     p.add_argument("--hyper-layers", type=_positive_int, default=2, help="SMD head layers L")
-    p.add_argument("--inject", default="auto", help="auto | output | input | comma-separated module names")
+    p.add_argument("--inject", default="output",
+                   help="output (before the last layer; default) | auto (also after the first) | input | "
+                        "comma-separated module names")
     p.add_argument("--num-samples", type=_positive_int, default=None, help="Monte Carlo samples M of eta")
     p.add_argument("--bound", choices=BOUNDS, default=None, help="training bound (default: the library's)")
     p.add_argument("--temperature", type=_positive_float, default=1.0)
     p.add_argument("--ema-decay", type=float, default=0.995)
     p.add_argument("--hidden", type=_positive_int, default=128, help="backbone width")
     p.add_argument("--layers", type=_positive_int, default=3, help="backbone depth")
+    p.add_argument("--fourier", type=_nonnegative_int, default=64,
+                   help="vector data: random Fourier features of x_t in the MLP backbone (0: none; default 64)")
     p.add_argument("--num-data", type=_positive_int, default=20000, help="training points drawn from the toy mixtures")
     p.add_argument("--image-size", type=_positive_int, default=32, help="image folders are resized to this")
     p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="image folders: 1 grey or 3 RGB")
@@ -177,6 +181,7 @@ def _config_from_args(args, smd: bool):
         smd=smd, latent_dim=args.latent_dim, hyper_layers=args.hyper_layers, inject=inject,
         num_samples=args.num_samples, bound=args.bound, temperature=args.temperature,
         ema_decay=args.ema_decay, seed=args.seed, hidden=args.hidden, layers=args.layers,
+        fourier=args.fourier,
         num_data=args.num_data, image_size=args.image_size, channels=args.channels, device=args.device,
         lr_warmup=args.lr_warmup, precision=args.precision, compile=args.compile,
         grad_checkpoint=args.grad_checkpoint, skip_nonfinite=args.skip_nonfinite, max_skips=args.max_skips,
