@@ -12,13 +12,15 @@ UNet2DModel with --backbone unet). Rows:
     python benchmarks/train_step.py                    # CPU, small settings
     python benchmarks/train_step.py --device cuda --batch 128 --size 32 --backbone unet --write
 
-Peak memory: CUDA's max_memory_allocated on GPUs; on CPUs the peak resident set size of a
-fresh subprocess per row (ru_maxrss), minus the process's RSS before the step.
+Time: the best of ``--iters`` steps, the rows taking turns in one process. Peak memory, in a
+fresh subprocess per row: CUDA's max_memory_allocated on GPUs; on CPUs the peak resident set
+size (ru_maxrss, which includes the Python/torch baseline of the process).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -56,21 +58,31 @@ def build(args, row):
         backbone = ConvDenoiser(args.channels, hidden=args.hidden, blocks=args.blocks)
     if not row["smd"]:
         return backbone
-    model = softmix.SMD(backbone, latent_dim=args.latent_dim, hyper_layers=args.hyper_layers, inject=row["inject"])
-    if row.get("materialized"):
-        import softmix.head as head_mod
-        from softmix import reference
-
-        class _Materialized:  # the paper's formulation in place of the fused op
-            latent_transform = staticmethod(reference.latent_transform_materialized)
-
-        head_mod.ops = _Materialized
-    return model
+    return softmix.SMD(backbone, latent_dim=args.latent_dim, hyper_layers=args.hyper_layers, inject=row["inject"])
 
 
-def time_row(args, row) -> dict:
-    import resource
+@contextlib.contextmanager
+def head_ops(row):
+    """For the paper-style row, the head's fused op replaced by the materialised D x D form."""
+    import softmix.head as head_mod
+    from softmix import reference
 
+    if not row.get("materialized"):
+        yield
+        return
+
+    class _Materialized:
+        latent_transform = staticmethod(reference.latent_transform_materialized)
+
+    fused, head_mod.ops = head_mod.ops, _Materialized
+    try:
+        yield
+    finally:
+        head_mod.ops = fused
+
+
+def make_step(args, row):
+    """``(step, parameters)``: ``step()`` runs one training step (Adam included) of the row."""
     import softmix
 
     device = torch.device(args.device)
@@ -80,32 +92,49 @@ def time_row(args, row) -> dict:
     x0 = torch.randn(args.batch, args.channels, args.size, args.size, device=device)
 
     def step():
-        loss = softmix.training_loss(model, schedule, x0, num_samples=row.get("m", 1), bound="logmeanexp")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        with head_ops(row):
+            loss = softmix.training_loss(model, schedule, x0, num_samples=row.get("m", 1))  # the default bound
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def time_rows(args) -> list[float]:
+    """Best step time (ms) of each row, the rows taking turns step by step in one process, so
+    that a slow spell of a shared machine falls on every row alike."""
+    steps = [make_step(args, row)[0] for _, row in ROWS]
+    for step in steps:
+        for _ in range(args.warmup):
+            step()
+    best = [float("inf")] * len(steps)
+    for _ in range(args.iters):
+        for i, step in enumerate(steps):
+            start = time.perf_counter()
+            step()
+            best[i] = min(best[i], 1000 * (time.perf_counter() - start))
+    return best
+
+
+def memory_row(args, row) -> dict:
+    """Peak memory of the row's step, in a fresh process (see the module docstring)."""
+    import resource
+
+    device = torch.device(args.device)
+    step, params = make_step(args, row)
     for _ in range(args.warmup):
         step()
     if device.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for _ in range(args.iters):
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    step()
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
-    times.sort()
-    return {"ms": 1000 * times[0],  # best of N: the machine is shared, noise only adds
-            "peak_mib": peak, "rss_before_mib": rss_before / 1024,
-            "params": sum(p.numel() for p in model.parameters())}
+    return {"peak_mib": peak, "params": params}
 
 
 def main() -> None:
@@ -129,7 +158,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     if args._row is not None:  # child process: one row, fresh memory accounting
-        print(json.dumps(time_row(args, ROWS[args._row][1])))
+        print(json.dumps(memory_row(args, ROWS[args._row][1])))
         return
 
     results = []
@@ -142,8 +171,11 @@ def main() -> None:
             print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
             continue
         results.append((name, json.loads(out.stdout.strip().splitlines()[-1])))
+    for (_, r), ms in zip(results, time_rows(args)):
+        if r is not None:
+            r["ms"] = ms
     plain = results[0][1]
-    lines = ["| configuration | step (ms, best of N) | x plain | peak memory (MiB) | x plain | parameters |",
+    lines = ["| configuration | step (ms, best of N, rows interleaved) | x plain | peak memory (MiB) | x plain | parameters |",
              "|---|---|---|---|---|---|"]
     for name, r in results:
         if r is None:
@@ -154,6 +186,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write:
+        from softmix.loss import DEFAULT_BOUND
+
         dev = args.device
         if dev.startswith("cuda"):
             machine = torch.cuda.get_device_name()
@@ -165,10 +199,11 @@ def main() -> None:
                 f"- command: `{command}`\n"
                 f"- backbone: {args.backbone}, batch {args.batch}, {args.channels}x{args.size}x{args.size}, "
                 f"width {args.hidden}; SMD latent D = {args.latent_dim}, L = {args.hyper_layers}; "
-                f"logmeanexp bound; Adam step included\n"
+                f"the library's default bound ({DEFAULT_BOUND!r}); Adam step included\n"
                 f"- peak memory: {'CUDA max_memory_allocated' if dev.startswith('cuda') else 'peak RSS of a fresh process per row (includes the Python/torch baseline)'}\n\n"
                 f"{table}\n")
-        path = Path(__file__).parent / "results" / f"train_step-{'cuda' if dev.startswith('cuda') else 'cpu'}.md"
+        backbone = "" if args.backbone == "conv" else f"-{args.backbone}"
+        path = Path(__file__).parent / "results" / f"train_step-{'cuda' if dev.startswith('cuda') else 'cpu'}{backbone}.md"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         print(f"wrote {path}")
