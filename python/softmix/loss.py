@@ -95,6 +95,30 @@ def step_precision(
     return (features * c.square() / (2 * var)).float()
 
 
+def randn_on(shape: torch.Size, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise of ``shape``, drawn on the generator's device, put on ``like``'s."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
+def noised_batch(
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    prediction_type: str,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(t, x_t, target)`` for clean data ``x0``: timesteps and noise drawn unless given."""
+    b = x0.shape[0]
+    if t is None:
+        t = schedule.sample_timesteps(b, device=x0.device, generator=generator)
+    t = torch.as_tensor(t, device=x0.device).long().reshape(b)
+    if noise is None:
+        noise = randn_on(x0.shape, x0, generator)
+    return t, schedule.add_noise(x0, noise, t), schedule.target(x0, noise, t, prediction_type)
+
+
 def training_loss(
     model: nn.Module,
     schedule: NoiseSchedule,
@@ -142,16 +166,8 @@ def training_loss(
         raise ValueError(f"unknown bound {bound!r}; expected one of {BOUNDS}")
     if reduction not in ("mean", "none"):
         raise ValueError(f"unknown reduction {reduction!r}")
-    b = x0.shape[0]
-    device = x0.device
-    gen_device = generator.device if generator is not None else device
-    if t is None:
-        t = schedule.sample_timesteps(b, device=device, generator=generator)
-    t = torch.as_tensor(t, device=device).long().reshape(b)
-    if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(device)
-    x_t = schedule.add_noise(x0, noise, t)
-    target = schedule.target(x0, noise, t, prediction_type)
+    b, device = x0.shape[0], x0.device
+    t, x_t, target = noised_batch(schedule, x0, prediction_type, t, noise, generator)
 
     smd = _unwrap(model) if is_smd(model) else None
     if smd is not None:

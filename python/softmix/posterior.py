@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from softmix.head import timestep_embedding
-from softmix.loss import DEFAULT_MIN_VARIANCE, step_precision
+from softmix.loss import DEFAULT_MIN_VARIANCE, noised_batch, randn_on, step_precision
 from softmix.schedule import NoiseSchedule
 from softmix.wrap import _unwrap, is_smd, model_output_tensor
 
@@ -101,21 +101,13 @@ def elbo_loss(
         raise ValueError("elbo_loss needs an SMD model (a plain denoiser has no latent)")
     if reduction not in ("mean", "none"):
         raise ValueError(f"unknown reduction {reduction!r}")
-    b, device = x0.shape[0], x0.device
-    gen_device = generator.device if generator is not None else device
-    if t is None:
-        t = schedule.sample_timesteps(b, device=device, generator=generator)
-    t = torch.as_tensor(t, device=device).long().reshape(b)
-    if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(device)
-    x_t = schedule.add_noise(x0, noise, t)
-    target = schedule.target(x0, noise, t, prediction_type)
+    t, x_t, target = noised_batch(schedule, x0, prediction_type, t, noise, generator)
     mean, log_var = encoder(x_t, x0, t)
-    std_noise = torch.randn(mean.shape, generator=generator, device=gen_device, dtype=mean.dtype).to(device)
+    std_noise = randn_on(mean.shape, mean, generator)
     eta = mean + (0.5 * log_var).exp() * std_noise
     pred = model_output_tensor(model(x_t, t, eta=eta, **model_kwargs))
     err = (pred - target).square().flatten(1).mean(1)  # (B,)
     kl = 0.5 * (mean.square() + log_var.exp() - 1 - log_var).flatten(1).sum(1)  # KL(q || N(0, I)), nats
-    k = step_precision(schedule, t, x0[0].numel(), prediction_type, min_variance).to(device, err.dtype)
+    k = step_precision(schedule, t, x0[0].numel(), prediction_type, min_variance).to(x0.device, err.dtype)
     per_example = err + kl_weight * kl / k
     return per_example.mean() if reduction == "mean" else per_example
