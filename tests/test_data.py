@@ -46,3 +46,56 @@ def test_digits_and_image_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
         image_folder(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("dims,modes", [(8, 16), (32, 32)])
+def test_random_mixture_in_high_dimensions(dims, modes):
+    mix = gmm("random", modes=modes, dims=dims, seed=0)
+    assert mix.means.shape == (modes, dims) and mix.means.abs().max() <= 1
+    assert mix.std == pytest.approx(float(torch.pdist(mix.means.double()).min()) / 10)
+    torch.testing.assert_close(gmm("random", modes=modes, dims=dims, seed=0).means, mix.means)  # fixed by the seed
+    g = torch.Generator().manual_seed(0)
+    x = mix.sample(8000, g)
+    # moments: a point minus its nearest centre is N(0, std^2 I)
+    offset = x - mix.means[torch.cdist(x, mix.means).argmin(1)]
+    assert offset.mean().abs() < 0.05 * mix.std
+    assert offset.square().mean().sqrt() == pytest.approx(mix.std, rel=0.02)
+    # true samples score as true samples in D > 2 (a fixed 3-std ball would hold few of them);
+    # samples sqrt(2) times too wide do not
+    m = mixture_metrics(x[:2000], mix, x[2000:4000])
+    assert m["high_quality"] > 0.97 and m["modes_covered"] == modes and m["mmd"] < 0.01
+    shifted = mixture_metrics(x[:2000] + mix.std * torch.randn(2000, dims, generator=g), mix, x[2000:4000])
+    assert shifted["high_quality"] < m["high_quality"] - 0.2 and shifted["mmd"] > 1.5 * m["mmd"]
+    collapsed = mixture_metrics(mix.means[:1] + mix.std * torch.randn(2000, dims, generator=g), mix, x[2000:4000])
+    assert collapsed["modes_covered"] == 1 and collapsed["mmd"] > 0.1
+
+
+def test_grid_with_unequal_widths():
+    mix = gmm("grid", width_ratio=4.0, seed=0)
+    s = mix.stds
+    assert s.shape == (49,) and not mix.equal_widths and gmm("grid").equal_widths
+    assert float(s.max() / s.min()) == pytest.approx(4.0, rel=1e-5)
+    assert float(s.log().mean().exp()) == pytest.approx(2 / 6 / 10, rel=1e-5)  # geometric mean: the grid's std
+    g = torch.Generator().manual_seed(0)
+    x = mix.sample(20000, g)
+    # each component's spread is its own std (offsets from the nearest centre, widest vs narrowest)
+    nearest = torch.cdist(x, mix.means).argmin(1)
+    offset = x - mix.means[nearest]
+    for k in (int(s.argmax()), int(s.argmin())):
+        rms = offset[nearest == k].square().mean().sqrt()
+        assert float(rms) == pytest.approx(float(s[k]), rel=0.1)
+    # the log-density normalises each component by its own width: integrates to 1 over a fine grid
+    axis = torch.linspace(-1.5, 1.5, 601)
+    pts = torch.cartesian_prod(axis, axis)
+    assert float(mix.log_prob(pts).double().exp().sum() * (axis[1] - axis[0]) ** 2) == pytest.approx(1.0, abs=1e-3)
+    m = mixture_metrics(x[:4000], mix, x[4000:8000])
+    assert m["high_quality"] > 0.97 and m["modes_covered"] == 49
+    # samples at the narrow modes' own std around the wide modes' centres are inside; the reverse is not
+    wide, narrow = s > s.median(), s < s.median()
+    inside = mixture_metrics(mix.means[wide].repeat(40, 1) + s[narrow].mean() * torch.randn(960, 2, generator=g), mix)
+    outside = mixture_metrics(mix.means[narrow].repeat(40, 1) + 2 * s[wide].mean() * torch.randn(960, 2, generator=g), mix)
+    assert inside["high_quality"] > 0.95 and outside["high_quality"] < 0.6
+    with pytest.raises(ValueError, match="width_ratio"):
+        gmm("grid", width_ratio=0.5)
+    with pytest.raises(ValueError, match="2-D"):
+        gmm("grid", dims=8)

@@ -70,3 +70,12 @@ def test_knn_precision_recall_extremes():
     fake = torch.cat([real[:150], real[150:] + 100.0])
     prec, rec = knn_precision_recall(real, fake)
     assert abs(prec - 0.5) < 1e-9 and rec < 1.0
+
+
+def test_true_posterior_refuses_unequal_widths():
+    import pytest
+
+    from softmix.data import gmm
+
+    with pytest.raises(ValueError, match="equal width"):
+        true_posterior(gmm("grid", width_ratio=4.0), torch.zeros(3, 2), 0.3, 0.7)

@@ -4,6 +4,11 @@ backbone and budget, DDPM and DDIM sampling), each trained and sampled at T step
     python benchmarks/quality/gmm.py --steps 4,10 --seeds 0,1,2 --iters 3000 \
         --variants plain,ddim,paper,smd --tag quality-gmm
 
+``--data`` picks a harder mixture (issue 4, experiment 3; ``softmix.data.gmm``): ``d8`` (16
+modes at random centres in ``[-1, 1]^8``, seed 0, std a tenth of the smallest distance
+between centres), ``d32`` (32 modes in ``[-1, 1]^32``, likewise), ``widths`` (the 7x7 grid,
+stds from a twentieth to a fifth of the spacing: the widest mode 4x the narrowest).
+
 Prints a table (mean ± std over seeds) and writes ``<out>/<tag>.md``, ``<tag>.json`` and
 ``<tag>.png`` (samples of the first seed: one row per T, one column per variant).
 
@@ -35,12 +40,21 @@ from softmix.metrics import mixture_metrics, posterior_kl  # noqa: E402
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
+DATASETS = {
+    "grid": lambda: gmm("grid"),
+    "d8": lambda: gmm("random", modes=16, dims=8, seed=0),
+    "d32": lambda: gmm("random", modes=32, dims=32, seed=0),
+    "widths": lambda: gmm("grid", width_ratio=4.0, seed=0),
+}
+
+
 def run_one(v: Variant, steps: int, seed: int, iters: int, num: int, mixture, kl: bool) -> dict:
     torch.manual_seed(seed)  # initialisation
     schedule = NoiseSchedule(steps)
-    model = build_model(v, (2,))
+    dims = mixture.means.shape[1]
+    model = build_model(v, (dims,))
     ema, sec_per_iter = train(model, v, schedule, lambda n, g: mixture.sample(n, g), iters, seed)
-    x = draw_samples(ema, v, schedule, (num, 2), seed)
+    x = draw_samples(ema, v, schedule, (num, dims), seed)
     reference = mixture.sample(num, torch.Generator().manual_seed(20_000 + seed))
     out = mixture_metrics(x, mixture, reference)
     out.update(params=num_params(model), ms_per_iter=1000 * sec_per_iter)
@@ -93,6 +107,8 @@ def main(argv=None) -> int:
     p.add_argument("--num", type=int, default=2000, help="samples per run")
     p.add_argument("--variants", default="plain,ddim,paper,smd",
                    help="comma-free list separated by ';' or ' ' (see benchmarks/quality/common.py)")
+    p.add_argument("--data", default="grid", choices=sorted(DATASETS),
+                   help="the mixture: grid (7x7, the paper's toy), d8, d32, widths (see above)")
     p.add_argument("--kl", action="store_true", help="also the per-step KL from the true posterior")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default="quality-gmm")
@@ -105,7 +121,7 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     names = [n for n in args.variants.replace(";", " ").split() if n]
     variants = [Variant.parse(n) for n in names]
-    mixture = gmm("grid")
+    mixture = DATASETS[args.data]()
     results, samples = {}, {}
     t_start = time.time()
     for steps in steps_list:
@@ -127,11 +143,11 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cmd = "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:]))
     (out / f"{args.tag}.md").write_text(
-        f"<!-- {cmd} -->\n\nSeeds {seeds}, {args.iters} training iterations (batch 256), {args.num} samples; "
+        f"<!-- {cmd} -->\n\nData {args.data}; seeds {seeds}, {args.iters} training iterations (batch 256), {args.num} samples; "
         f"mean ± std over seeds.\n\n{md}")
     (out / f"{args.tag}.json").write_text(json.dumps({"command": cmd, "seeds": seeds, "iters": args.iters,
                                                      "results": results}, indent=1) + "\n")
-    if not args.no_plot:
+    if not args.no_plot and mixture.means.shape[1] == 2:  # no picture of 8-D or 32-D samples
         data = mixture.sample(args.num, torch.Generator().manual_seed(0))
         plot(samples, names, steps_list, data, out / f"{args.tag}.png")
     print(f"wrote {out / (args.tag + '.md')}")

@@ -1,4 +1,4 @@
-"""Built-in data: 2-D Gaussian mixtures (grid, ring), scikit-learn's 8x8 digits, a folder of
+"""Built-in data: Gaussian mixtures (2-D grid and ring, random centres in D dimensions), scikit-learn's 8x8 digits, a folder of
 images. Everything is generated or shipped with a package: nothing is downloaded.
 
 All data are scaled to roughly ``[-1, 1]`` (what diffusion models expect).
@@ -20,34 +20,53 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 @dataclass
 class GaussianMixture:
-    """An equal-weight mixture of isotropic Gaussians ``N(means[k], std^2 I)``.
+    """An equal-weight mixture of isotropic Gaussians ``N(means[k], std_k^2 I)``.
 
-    ``means``: ``(K, F)``.
+    ``means``: ``(K, F)``; ``std``: one float (every component as wide) or a ``(K,)`` tensor
+    (a width per component).
     """
 
     means: torch.Tensor
-    std: float
+    std: float | torch.Tensor
 
     @property
     def num_modes(self) -> int:
         return self.means.shape[0]
 
+    @property
+    def stds(self) -> torch.Tensor:
+        """``(K,)``: the std of each component."""
+        return torch.as_tensor(self.std, dtype=self.means.dtype).expand(self.num_modes)
+
+    @property
+    def equal_widths(self) -> bool:
+        return not torch.is_tensor(self.std) or bool((self.std == self.std.reshape(-1)[0]).all())
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         k = torch.randint(0, self.num_modes, (n,), generator=generator)
-        return self.means[k] + self.std * torch.randn(n, self.means.shape[1], generator=generator)
+        return self.means[k] + self.stds[k, None] * torch.randn(n, self.means.shape[1], generator=generator)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, F) -> (N,)`` log-density of the mixture."""
         f = self.means.shape[1]
+        s = self.stds.double()  # (K,)
         d2 = torch.cdist(x.double(), self.means.double()).square()  # (N, K)
-        log_comp = -0.5 * d2 / self.std**2 - f * math.log(self.std * math.sqrt(2 * math.pi))
+        log_comp = -0.5 * d2 / s.square() - f * torch.log(s * math.sqrt(2 * math.pi))
         return (torch.logsumexp(log_comp, dim=1) - math.log(self.num_modes)).float()
 
 
-def gmm(kind: str = "grid", modes: int | None = None, std: float | None = None, dims: int = 2) -> GaussianMixture:
+def gmm(kind: str = "grid", modes: int | None = None, std: float | None = None, dims: int = 2,
+        width_ratio: float = 1.0, seed: int = 0) -> GaussianMixture:
     """The toy mixtures. ``grid``: a ``k x k`` grid on ``[-1, 1]^2`` (default 7x7 = 49 modes,
-    the paper's toy); ``ring``: ``modes`` points on the unit circle (default 8).
-    ``std`` defaults to a tenth of the distance between neighbouring modes."""
+    the paper's toy); ``ring``: ``modes`` points on the unit circle (default 8); ``random``:
+    ``modes`` centres (default 16) drawn uniformly in ``[-1, 1]^dims`` with ``seed``.
+    ``std`` defaults to a tenth of the distance between neighbouring modes (for ``random``, of
+    the smallest distance between two centres).
+
+    ``width_ratio > 1`` gives the components different widths: stds log-evenly spaced from
+    ``std / sqrt(width_ratio)`` to ``std * sqrt(width_ratio)`` (so the widest is
+    ``width_ratio`` times the narrowest), assigned to the modes in an order shuffled with ``seed``.
+    """
     if kind == "grid":
         modes = 49 if modes is None else modes
         k = int(round(math.sqrt(modes)))
@@ -63,11 +82,25 @@ def gmm(kind: str = "grid", modes: int | None = None, std: float | None = None, 
         angle = torch.arange(modes) * 2 * math.pi / modes
         means = torch.stack([angle.cos(), angle.sin()], dim=1)
         spacing = 2 * math.sin(math.pi / modes)
+    elif kind == "random":
+        modes = 16 if modes is None else modes
+        if modes < 2 or dims < 1:
+            raise ValueError(f"a random mixture needs at least 2 modes and 1 dim, got modes={modes}, dims={dims}")
+        means = torch.rand(modes, dims, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2 - 1
+        spacing = float(torch.pdist(means).min())
     else:
-        raise ValueError(f"unknown mixture kind {kind!r}; expected 'grid' or 'ring'")
-    if dims != 2:
-        raise ValueError("the built-in mixtures are 2-D")
-    return GaussianMixture(means.float(), spacing / 10 if std is None else float(std))
+        raise ValueError(f"unknown mixture kind {kind!r}; expected 'grid', 'ring' or 'random'")
+    if kind != "random" and dims != 2:
+        raise ValueError(f"the {kind!r} mixture is 2-D (use kind='random' for dims={dims})")
+    if width_ratio < 1:
+        raise ValueError(f"width_ratio must be >= 1 (widest std / narrowest), got {width_ratio}")
+    base = spacing / 10 if std is None else float(std)
+    if width_ratio == 1:
+        return GaussianMixture(means.float(), base)
+    log_r = math.log(width_ratio)
+    stds = base * torch.exp(torch.linspace(-0.5 * log_r, 0.5 * log_r, modes, dtype=torch.float64))
+    order = torch.randperm(modes, generator=torch.Generator().manual_seed(seed))
+    return GaussianMixture(means.float(), stds[order].float())
 
 
 def digits() -> torch.Tensor:

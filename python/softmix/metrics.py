@@ -8,7 +8,7 @@ import torch
 
 from softmix.data import GaussianMixture
 
-__all__ = ["mmd", "mixture_metrics", "true_posterior", "posterior_kl", "frechet_distance", "knn_precision_recall"]
+__all__ = ["mmd", "mixture_metrics", "quality_radius", "true_posterior", "posterior_kl", "frechet_distance", "knn_precision_recall"]
 
 
 def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths=(0.05, 0.1, 0.2, 0.5, 1.0)) -> float:
@@ -24,20 +24,44 @@ def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths=(0.05, 0.1, 0.2, 0.5, 1.0))
     return float(k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean())
 
 
+def _chi2_quantile(p: float, dof: int) -> float:
+    """The ``p``-quantile of the chi-squared distribution with ``dof`` degrees of freedom (bisection)."""
+    lo, hi = 0.0, float(dof) + 40.0 * math.sqrt(dof) + 40.0
+    a = torch.tensor(dof / 2, dtype=torch.float64)
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if float(torch.special.gammainc(a, torch.tensor(mid / 2, dtype=torch.float64))) < p:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def quality_radius(dims: int) -> float:
+    """Radius, in stds, of the ball around a mode that counts as high quality in ``dims``
+    dimensions: the one that holds as much of the component's mass as 3 std does in 2-D
+    (``1 - exp(-4.5)``, 98.9%). Exactly 3 for ``dims = 2``; 4.45 for 8, 7.28 for 32 (a fixed
+    3 std would hold 66% of a true 8-D component and almost none of a 32-D one)."""
+    return 3.0 if dims == 2 else math.sqrt(_chi2_quantile(1 - math.exp(-4.5), dims))
+
+
 def mixture_metrics(samples: torch.Tensor, mixture: GaussianMixture, reference: torch.Tensor | None = None,
                     min_share: float = 0.2) -> dict:
     """Quality of ``samples (N, F)`` against the true mixture.
 
-    - ``high_quality``: share of samples within 3 std of their nearest mode;
+    - ``high_quality``: share of samples within ``quality_radius(F)`` stds of their nearest mode
+      (its own std when the components differ in width): 3 std in 2-D;
     - ``modes_covered``: modes nearest to at least ``min_share`` of the high-quality samples
       one mode would get under the true distribution (``min_share * N / K``, at least 1);
-    - ``mmd``: to ``reference`` (fresh true samples) when given;
+    - ``mmd``: to ``reference`` (fresh true samples) when given, with the bandwidths of ``mmd``
+      scaled by ``sqrt(F / 2)`` (unchanged in 2-D) so that they keep their meaning per coordinate;
     - ``nll``: mean negative log-likelihood of the samples under the true mixture.
     """
     samples = samples.float()
+    f = samples.shape[1]
     d = torch.cdist(samples, mixture.means)  # (N, K)
     dist, nearest = d.min(dim=1)
-    good = dist <= 3 * mixture.std
+    good = dist <= quality_radius(f) * mixture.stds[nearest]
     counts = torch.bincount(nearest[good], minlength=mixture.num_modes)
     threshold = max(1.0, min_share * samples.shape[0] / mixture.num_modes)
     out = {
@@ -47,7 +71,8 @@ def mixture_metrics(samples: torch.Tensor, mixture: GaussianMixture, reference: 
         "nll": float(-mixture.log_prob(samples).mean()),
     }
     if reference is not None:
-        out["mmd"] = mmd(samples, reference)
+        scale = math.sqrt(f / 2)
+        out["mmd"] = mmd(samples, reference, bandwidths=tuple(scale * b for b in (0.05, 0.1, 0.2, 0.5, 1.0)))
     return out
 
 
@@ -58,8 +83,10 @@ def true_posterior(mixture: GaussianMixture, x_t: torch.Tensor, a_t: float, a_pr
     ``q(x_prev | x_t) = sum_k pi_k(x_t) N(m_k(x_t), v I)``. Returns ``(log_pi (N, K),
     means (N, K, F), var)`` (float64).
     """
+    if not mixture.equal_widths:
+        raise ValueError("true_posterior needs components of equal width (a float std)")
     x_t = x_t.double()
-    mu, s2 = mixture.means.double(), mixture.std**2
+    mu, s2 = mixture.means.double(), float(mixture.stds[0]) ** 2
     alpha = a_t / a_prev  # the step x_prev -> x_t
     v_prev = a_prev * s2 + 1 - a_prev  # marginal variance of x_prev within a component
     v_t = a_t * s2 + 1 - a_t
