@@ -60,4 +60,5 @@ if __name__ == "__main__":
     state = get_model_state_dict(smd, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
         torch.save({"losses": losses, "state": state, "class": type(smd).__name__}, f"{sys.argv[1]}/fsdp.pt")
+    dist.barrier()  # rank 1 must not tear gloo down while rank 0 still writes
     dist.destroy_process_group()

@@ -217,9 +217,12 @@ def cmd_train(parser, args) -> int:
     from softmix import distributed
 
     try:
-        return _train(parser, args)
-    finally:
-        distributed.cleanup()  # under torchrun: leave the process group on every exit path
+        code = _train(parser, args)
+    except BaseException:
+        distributed.cleanup(wait=False)  # under torchrun: leave the process group on every exit path
+        raise
+    distributed.cleanup()
+    return code
 
 
 def _train(parser, args) -> int:

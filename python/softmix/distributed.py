@@ -98,9 +98,17 @@ def setup(device: str | torch.device = "cpu") -> tuple[DistInfo, torch.device]:
     return info, device
 
 
-def cleanup() -> None:
-    """Destroy the default process group (if any)."""
+def cleanup(wait: bool = True) -> None:
+    """Destroy the default process group (if any).
+
+    ``wait``: first wait for every rank to get here. A rank that tears down gloo while a peer
+    still works in the group (rank 0 writing a checkpoint) can abort in C++ ("terminate
+    called without an active exception"). Pass ``wait=False`` on error paths, where a peer
+    that died would leave the barrier waiting.
+    """
     if is_initialized():
+        if wait:
+            barrier()
         dist.destroy_process_group()
 
 
