@@ -99,3 +99,16 @@ def test_grid_with_unequal_widths():
         gmm("grid", width_ratio=0.5)
     with pytest.raises(ValueError, match="2-D"):
         gmm("grid", dims=8)
+
+
+@pytest.mark.parametrize("name, dims, modes", [("gmm-widths", 2, 49), ("gmm-d8", 8, 16), ("gmm-d32", 32, 32)])
+def test_harder_mixtures_load_by_name(name, dims, modes):
+    # the names --data accepts: the same mixtures as the quality benchmark's experiment 3
+    x, mixture = load_data(name, n=500, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (500, dims) and mixture.num_modes == modes
+    nearest = torch.cdist(x, mixture.means).argmin(dim=1)
+    # every sample lies near its mode: within the high-quality radius of the metrics
+    from softmix.metrics import quality_radius
+
+    within = (x - mixture.means[nearest]).norm(dim=1) <= quality_radius(dims) * mixture.stds[nearest]
+    assert within.float().mean() > 0.95

@@ -34,18 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Variant, build_model, draw_samples, fmt, markdown_table, num_params, train  # noqa: E402
 
 from softmix import NoiseSchedule  # noqa: E402
-from softmix.data import gmm  # noqa: E402
+from softmix.data import TOY_MIXTURES  # noqa: E402
 from softmix.metrics import mixture_metrics, posterior_kl  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
-DATASETS = {
-    "grid": lambda: gmm("grid"),
-    "d8": lambda: gmm("random", modes=16, dims=8, seed=0),
-    "d32": lambda: gmm("random", modes=32, dims=32, seed=0),
-    "widths": lambda: gmm("grid", width_ratio=4.0, seed=0),
-}
+DATASETS = {name: TOY_MIXTURES["gmm" if name == "grid" else f"gmm-{name}"] for name in ("grid", "d8", "d32", "widths")}
 
 
 def run_one(v: Variant, steps: int, seed: int, iters: int, num: int, mixture, kl: bool) -> dict:

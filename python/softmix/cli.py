@@ -6,7 +6,8 @@
     softmix compare --data gmm --iters 3000 --num-steps 4 --sample-steps 4 --out runs/compare
 
 ``--data`` is ``gmm`` (7x7 grid of Gaussians, the paper's toy), ``gmm-ring`` (8 on a circle),
-``digits`` (scikit-learn's 8x8 digits) or a folder of images.
+``gmm-widths`` (the grid with widths 4:1), ``gmm-d8`` / ``gmm-d32`` (16 / 32 modes in 8 / 32
+dimensions), ``digits`` (scikit-learn's 8x8 digits) or a folder of images.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     from softmix.schedule import PREDICTION_TYPES, SCHEDULE_KINDS
     from softmix.train import PRECISIONS
 
-    p.add_argument("--data", default="gmm", help="gmm | gmm-ring | digits | a folder of images (default gmm)")
+    p.add_argument("--data", default="gmm", help="gmm | gmm-ring | gmm-widths | gmm-d8 | gmm-d32 | digits | a folder of images (default gmm)")
     p.add_argument("--iters", type=_positive_int, default=2000, help="training steps (default 2000)")
     p.add_argument("--batch-size", type=_positive_int, default=256,
                    help="global batch size (split over the processes under torchrun; default 256)")
