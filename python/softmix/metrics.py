@@ -11,7 +11,10 @@ from softmix.data import GaussianMixture
 __all__ = ["mmd", "mixture_metrics", "quality_radius", "true_posterior", "posterior_kl", "frechet_distance", "knn_precision_recall"]
 
 
-def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths=(0.05, 0.1, 0.2, 0.5, 1.0)) -> float:
+MMD_BANDWIDTHS = (0.05, 0.1, 0.2, 0.5, 1.0)  # RBF widths for data on the scale of [-1, 1]^2
+
+
+def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths=MMD_BANDWIDTHS) -> float:
     """Squared maximum mean discrepancy with a sum of RBF kernels (biased V-statistic).
 
     ``x (N, F)``, ``y (M, F)`` (flattened when of higher rank); 0 for equal samples, > 0 else."""
@@ -72,7 +75,7 @@ def mixture_metrics(samples: torch.Tensor, mixture: GaussianMixture, reference: 
     }
     if reference is not None:
         scale = math.sqrt(f / 2)
-        out["mmd"] = mmd(samples, reference, bandwidths=tuple(scale * b for b in (0.05, 0.1, 0.2, 0.5, 1.0)))
+        out["mmd"] = mmd(samples, reference, bandwidths=tuple(scale * b for b in MMD_BANDWIDTHS))
     return out
 
 
