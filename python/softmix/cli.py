@@ -206,7 +206,9 @@ def _build_trainer(parser, cfg):
 
 def _holds_run(out: Path) -> bool:
     """Whether ``out`` already holds a training run (checkpoints or a flat checkpoint)."""
-    if any((out / "checkpoints").glob("step-*")):
+    from softmix.checkpoint import CHECKPOINTS_DIR
+
+    if any((out / CHECKPOINTS_DIR).glob("step-*")):
         return True
     try:
         return json.loads((out / "config.json").read_text()).get("format") == "softmix-train"

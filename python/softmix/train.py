@@ -43,6 +43,7 @@ from torch import nn
 
 from softmix import distributed as dist_utils
 from softmix.checkpoint import (
+    CHECKPOINTS_DIR,
     CheckpointError,
     atomic_directory,
     atomic_write,
@@ -519,7 +520,7 @@ class Trainer:
         before the checkpoint is complete.
         """
         out = Path(out)
-        final = out / "checkpoints" / checkpoint_dir_name(self.step)
+        final = out / CHECKPOINTS_DIR / checkpoint_dir_name(self.step)
         state = self.state_dict()
 
         def write() -> None:
@@ -598,9 +599,9 @@ def find_checkpoint(directory: str | os.PathLike, require_state: bool = False) -
     found = list_checkpoints(directory, is_complete=_is_complete)
     if found:
         return found[-1][1]
-    if (directory / "checkpoints").is_dir():
+    if (directory / CHECKPOINTS_DIR).is_dir():
         # a run directory: its flat files mirror one of these checkpoints, so no fallback
-        raise CheckpointError(f"no complete checkpoint under {directory / 'checkpoints'}")
+        raise CheckpointError(f"no complete checkpoint under {directory / CHECKPOINTS_DIR}")
     _read_meta(directory)
     if require_state and not (directory / STATE_NAME).is_file():
         raise CheckpointError(f"checkpoint file {directory / STATE_NAME} is missing")
