@@ -91,7 +91,7 @@ def test_a_torchrun_run_resumes_exactly(tmp_path):
 
 def test_fsdp_shards_an_smd_model_like_any_module(tmp_path, one_thread):
     """FSDP2 around the SMD wrapper (and its backbone's blocks) trains as one process does."""
-    import _fsdp_worker as worker
+    import _sliced_training as worker
 
     torchrun([str(WORKER.parent / "_fsdp_worker.py"), str(tmp_path)])
     sharded = torch.load(tmp_path / "fsdp.pt", weights_only=False)
@@ -104,3 +104,42 @@ def test_fsdp_shards_an_smd_model_like_any_module(tmp_path, one_thread):
     probe = worker.model()
     probe.load_state_dict(sharded["state"])
     _assert_same_function(probe, single, (2,))
+
+
+def test_accelerate_prepares_an_smd_model_like_any_module(tmp_path, one_thread):
+    """The README's accelerate recipe (prepare, autocast, backward) under torchrun: DDP, the
+    ranks stay identical, and they follow one process on the whole batch."""
+    pytest.importorskip("accelerate")
+    import _sliced_training as worker
+
+    torchrun([str(WORKER.parent / "_accelerate_worker.py"), str(tmp_path)])
+    result = torch.load(tmp_path / "accelerate.pt", weights_only=False)
+    assert result["wrapper"] == "DistributedDataParallel"
+    r0, r1 = result["rank_params"]
+    assert torch.equal(r0, r1), "the ranks' parameters drifted apart"
+    single = worker.model()
+    losses = worker.train(single)
+    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses), rtol=1e-5, atol=0)
+    probe = worker.model()
+    probe.load_state_dict(result["state"])
+    _assert_same_function(probe, single, (2,))
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_a_run_resumes_on_another_number_of_processes(tmp_path, before, after):
+    """The global batch does not depend on the number of processes, so a run checkpointed on
+    BEFORE processes and resumed on AFTER follows the uninterrupted one-process run."""
+    def launch(out, nproc, *extra):
+        if nproc == 1:
+            return softmix_train(out, *extra)
+        return torchrun_train(out, nproc, *extra)
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    launch(whole, 1, "--iters", "30", "--save-every", "10")
+    launch(parts, before, "--iters", "20", "--save-every", "10")
+    launch(parts, after, "--iters", "30", "--save-every", "10", "--resume")
+    assert json.loads((parts / "config.json").read_text())["world_size"] == after
+    a, b = trainer_state(whole)["losses"], trainer_state(parts)["losses"]
+    assert len(a) == len(b) == 30
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=0)
+    _assert_same_function(load_trained(parts, ema=False)[0], load_trained(whole, ema=False)[0], (2,))
