@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,25 @@ TINY = ["--batch-size", "64", "--num-steps", "20", "--hidden", "32", "--layers",
         "--num-samples", "4", "--num-data", "512", "--no-progress"]
 TINY_CONFIG = dict(batch_size=64, num_steps=20, hidden=32, layers=1, latent_dim=4, num_samples=4, num_data=512)
 
+
+# `python -c KILLED KILL_AT KILL_RANK softmix-train-args...` (or the same as a script under
+# torchrun): `softmix train` in a process that SIGKILLs itself after step KILL_AT (after the
+# step's checkpoint, if one is due) when its RANK (0 without torchrun) is KILL_RANK: what a
+# preempted job or the OOM killer does.
+KILLED = textwrap.dedent("""
+    import os, signal, sys
+    from softmix import train as T
+    KILL_AT, KILL_RANK = int(sys.argv[1]), sys.argv[2]
+    original = T.Trainer.train
+    def train(self, *args, **kwargs):
+        def callback(trainer):
+            if trainer.step == KILL_AT and os.environ.get("RANK", "0") == KILL_RANK:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, *args, callback=callback, **kwargs)
+    T.Trainer.train = train
+    from softmix.cli import main
+    main(sys.argv[3:])
+""")
 
 def subprocess_env() -> dict[str, str]:
     """One thread per process: exact comparisons need the same thread count in every run, and

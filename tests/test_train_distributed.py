@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from softmix.checkpoint import list_checkpoints
 from softmix.cli import main
 from softmix.train import TrainConfig, Trainer, load_trained
 
-from _train_helpers import TINY, one_thread, softmix_train, torchrun, torchrun_train, trainer_state  # noqa: F401
+from _train_helpers import KILLED, TINY, one_thread, run, softmix_train, torchrun, torchrun_train, trainer_state  # noqa: F401
 
 WORKER = Path(__file__).parent / "_ddp_worker.py"
 
@@ -77,10 +78,18 @@ def test_global_batch_must_split_evenly(tmp_path, capsys, monkeypatch):
     assert "--batch-size 63" in err and "number of processes (2)" in err, err
 
 
-def test_a_torchrun_run_resumes_exactly(tmp_path):
+def test_a_killed_torchrun_run_resumes_exactly(tmp_path):
+    """Rank 1 is SIGKILLed at step 15; torchrun then stops rank 0 (which writes the
+    checkpoints); the run resumed from step 10 follows the uninterrupted one exactly."""
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     torchrun_train(whole, 2, "--iters", "30", "--save-every", "10")
-    torchrun_train(parts, 2, "--iters", "20", "--save-every", "10")
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED)
+    proc = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "15", "1",
+                "train", "--data", "gmm", "--out", str(parts), *TINY, "--iters", "30", "--save-every", "10"],
+               check=False)
+    assert proc.returncode != 0 and "Signal 9 (SIGKILL)" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(parts)] == [10]
     torchrun_train(parts, 2, "--iters", "30", "--save-every", "10", "--resume")
     a, b = trainer_state(whole), trainer_state(parts)
     assert len(b["rank_rng"]) == 2  # each rank's global RNG state travelled with the checkpoint
@@ -143,3 +152,14 @@ def test_a_run_resumes_on_another_number_of_processes(tmp_path, before, after):
     assert len(a) == len(b) == 30
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=0)
     _assert_same_function(load_trained(parts, ema=False)[0], load_trained(whole, ema=False)[0], (2,))
+
+
+def test_torch_compile_under_ddp_follows_one_eager_process(tmp_path):
+    """``--compile`` under torchrun: DDP around the compiled SMD model tracks one eager
+    process up to the compiler's rounding."""
+    compiled, eager = tmp_path / "compiled", tmp_path / "eager"
+    torchrun_train(compiled, 2, "--iters", "10", "--compile")
+    softmix_train(eager, "--iters", "10")
+    a, b = trainer_state(compiled)["losses"], trainer_state(eager)["losses"]
+    assert len(a) == len(b) == 10
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=0)

@@ -12,26 +12,9 @@ from softmix.checkpoint import list_checkpoints
 from softmix.cli import main
 from softmix.train import TrainConfig, Trainer, find_checkpoint, load_trained
 
-from _train_helpers import TINY, TINY_CONFIG, one_thread, run, trainer_state  # noqa: F401
+from _train_helpers import KILLED, TINY, TINY_CONFIG, one_thread, run, trainer_state  # noqa: F401
 
 RUN = ["--iters", "30", "--save-every", "10", "--lr-warmup", "5"]
-
-# `softmix train ...` in a process that SIGKILLs itself after step KILL_AT (after the step's
-# checkpoint, if one is due): what a preempted job or the OOM killer does.
-KILLED = textwrap.dedent("""
-    import os, signal, sys
-    from softmix import train as T
-    KILL_AT = int(sys.argv[1])
-    original = T.Trainer.train
-    def train(self, *args, **kwargs):
-        def callback(trainer):
-            if trainer.step == KILL_AT:
-                os.kill(os.getpid(), signal.SIGKILL)
-        return original(self, *args, callback=callback, **kwargs)
-    T.Trainer.train = train
-    from softmix.cli import main
-    main(sys.argv[2:])
-""")
 
 # `softmix train ...` that dies (os._exit: no cleanup, no exception handlers) halfway through
 # writing the checkpoint of step CRASH_AT: the weights are written, the rest is not.
@@ -85,7 +68,7 @@ def _assert_same_run(a, b):
 def test_a_killed_run_resumes_to_the_same_trajectory(reference, tmp_path, precision):
     ref = reference(precision)
     out = tmp_path / "run"
-    proc = run(["-c", KILLED, "15", *_train_args(out, precision)], check=False)
+    proc = run(["-c", KILLED, "15", "0", *_train_args(out, precision)], check=False)
     assert proc.returncode == -9, proc.stderr  # SIGKILL, after the checkpoint of step 10
     assert [s for s, _ in list_checkpoints(out)] == [10]
     assert len(trainer_state(out)["losses"]) == 10
