@@ -42,6 +42,10 @@ at::ScalarType accumulate_type(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+at::Tensor gradient_like(const at::Tensor& like, bool needed) {
+  return needed ? at::empty_like(like) : at::empty({0}, like.options());
+}
+
 // ---- latent_transform ------------------------------------------------------------------
 
 LatentTransformSizes check_latent_transform(const at::Tensor& r, const at::Tensor& v, const at::Tensor& s) {

@@ -45,4 +45,8 @@ void check_denoise_step_grads(const at::Tensor& grad_x_prev, const at::Tensor& g
 // The float dtype in which a kernel accumulates values of `dtype` (float for half types).
 at::ScalarType accumulate_type(at::ScalarType dtype);
 
+// A backward kernel's optional output: like `like` when the gradient is needed, else an
+// empty (0,) tensor that the kernel does not write (its data pointer is then null).
+at::Tensor gradient_like(const at::Tensor& like, bool needed);
+
 }  // namespace softmix

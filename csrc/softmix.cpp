@@ -16,16 +16,18 @@ TORCH_LIBRARY(softmix, m) {
   m.def(
       "mc_loss_with_errors(Tensor pred, Tensor target, Tensor weight, str bound=\"jensen\", float temperature=1.0)"
       " -> (Tensor loss, Tensor errors)");
+  // The backward ops skip the gradient of the target / noise unless asked (need_grad_*):
+  // usually a constant, and a full-size write. Skipped, it comes back as an empty (0,) tensor.
   m.def(
       "mc_loss_backward(Tensor grad_loss, Tensor pred, Tensor target, Tensor weight, Tensor errors, str bound,"
-      " float temperature) -> (Tensor, Tensor, Tensor)");
+      " float temperature, bool need_grad_target) -> (Tensor, Tensor, Tensor)");
   m.def(
       "denoise_step(Tensor x_t, Tensor model_output, Tensor alpha_bar_t, Tensor alpha_bar_prev, Tensor? noise=None,"
       " float eta=1.0, str prediction_type=\"epsilon\", float? clip_sample=None) -> (Tensor, Tensor)");
   m.def(
       "denoise_step_backward(Tensor grad_x_prev, Tensor grad_x0, Tensor x_t, Tensor model_output,"
-      " Tensor alpha_bar_t, Tensor alpha_bar_prev, float eta, str prediction_type, float? clip_sample)"
-      " -> (Tensor, Tensor, Tensor)");
+      " Tensor alpha_bar_t, Tensor alpha_bar_prev, float eta, str prediction_type, float? clip_sample,"
+      " bool need_grad_noise) -> (Tensor, Tensor, Tensor)");
 }
 
 // mc_loss decomposes into mc_loss_with_errors on every device (and under autograd, which is

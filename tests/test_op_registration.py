@@ -155,16 +155,35 @@ def test_opcheck_backward_ops(rng):
     pred, target, weight, bound, temperature = mc_args(rng, torch.float32, False, bound="logmeanexp", temperature=0.5)
     _, errors = torch.ops.softmix.mc_loss_with_errors(pred, target, weight, bound, temperature)
     assert_opcheck_passes(
-        "mc_loss_backward", (torch.rand(pred.shape[1]), pred, target, weight, errors, bound, temperature)
+        "mc_loss_backward", (torch.rand(pred.shape[1]), pred, target, weight, errors, bound, temperature, True)
     )
     x, m, a_t, a_prev, _, eta, prediction_type, clip = step_args(
         rng, torch.float32, False, eta=0.5, prediction_type="v_prediction", clip=1.0
     )
     assert_opcheck_passes(
         "denoise_step_backward",
-        (torch.randn_like(x), torch.randn_like(x), x, m, a_t, a_prev, eta, prediction_type, clip),
+        (torch.randn_like(x), torch.randn_like(x), x, m, a_t, a_prev, eta, prediction_type, clip, True),
     )
 
+
+
+def test_backward_ops_skip_the_gradient_not_asked_for(rng):
+    """need_grad_target / need_grad_noise = False: that output is an empty (0,) tensor, the
+    other gradients are the same bits as with it, and the fake kernels agree (opcheck)."""
+    pred, target, weight, bound, temperature = mc_args(rng, torch.float32, False, bound="logmeanexp", temperature=0.5)
+    _, errors = torch.ops.softmix.mc_loss_with_errors(pred, target, weight, bound, temperature)
+    args = (torch.rand(pred.shape[1]), pred, target, weight, errors, bound, temperature)
+    full, skipped = (torch.ops.softmix.mc_loss_backward(*args, need) for need in (True, False))
+    assert full[1].shape == target.shape and skipped[1].shape == (0,)
+    assert torch.equal(full[0], skipped[0]) and torch.equal(full[2], skipped[2])
+    assert_opcheck_passes("mc_loss_backward", (*args, False))
+
+    x, m, a_t, a_prev, _, eta, prediction_type, clip = step_args(rng, torch.float32, False, eta=0.5)
+    args = (torch.randn_like(x), torch.randn_like(x), x, m, a_t, a_prev, eta, prediction_type, clip)
+    full, skipped = (torch.ops.softmix.denoise_step_backward(*args, need) for need in (True, False))
+    assert full[2].shape == x.shape and skipped[2].shape == (0,)
+    assert torch.equal(full[0], skipped[0]) and torch.equal(full[1], skipped[1])
+    assert_opcheck_passes("denoise_step_backward", (*args, False))
 
 # --------------------------------------------------------------------------------------
 # torch.compile

@@ -60,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor> denoise_step(const at::Tensor& x_t_in, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_step_backward(
     const at::Tensor& grad_x_prev_in, const at::Tensor& grad_x0_in, const at::Tensor& x_t_in,
     const at::Tensor& model_output_in, const at::Tensor& alpha_bar_t, const at::Tensor& alpha_bar_prev, double eta,
-    std::string_view prediction_type, std::optional<double> clip_sample) {
+    std::string_view prediction_type, std::optional<double> clip_sample, bool need_grad_noise) {
   const DenoiseStepSizes n =
       check_denoise_step(x_t_in, model_output_in, alpha_bar_t, alpha_bar_prev, std::nullopt, eta, clip_sample);
   check_denoise_step_grads(grad_x_prev_in, grad_x0_in, x_t_in);
@@ -69,7 +69,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_step_backward(
   const at::Tensor x_t = x_t_in.contiguous(), model_output = model_output_in.contiguous();
   const at::Tensor grad_x_prev = grad_x_prev_in.to(dtype).contiguous(), grad_x0 = grad_x0_in.to(dtype).contiguous();
   const at::Tensor a_t = alpha_bar_t.to(acc_type).contiguous(), a_prev = alpha_bar_prev.to(acc_type).contiguous();
-  at::Tensor grad_x = at::empty_like(x_t), grad_model = at::empty_like(x_t), grad_noise = at::empty_like(x_t);
+  at::Tensor grad_x = at::empty_like(x_t), grad_model = at::empty_like(x_t);
+  at::Tensor grad_noise = gradient_like(x_t, need_grad_noise);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "denoise_step_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -77,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_step_backward(
                    *g_prev_ptr = grad_x_prev.const_data_ptr<scalar_t>(), *g_x0_ptr = grad_x0.const_data_ptr<scalar_t>();
     const acc_t *a_ptr = a_t.const_data_ptr<acc_t>(), *a_prev_ptr = a_prev.const_data_ptr<acc_t>();
     scalar_t *grad_x_ptr = grad_x.mutable_data_ptr<scalar_t>(), *grad_m_ptr = grad_model.mutable_data_ptr<scalar_t>(),
-             *grad_n_ptr = grad_noise.mutable_data_ptr<scalar_t>();
+             *grad_n_ptr = need_grad_noise ? grad_noise.mutable_data_ptr<scalar_t>() : nullptr;
     const bool clip = clip_sample.has_value();
     const acc_t clip_bound = static_cast<acc_t>(clip_sample.value_or(0));
     at::parallel_for(0, n.B, grain_for(n.K), [&](int64_t begin, int64_t end) {
@@ -91,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_step_backward(
                                       static_cast<acc_t>(g_prev_ptr[k]), static_cast<acc_t>(g_x0_ptr[k]), gx, gm, gn);
           grad_x_ptr[k] = static_cast<scalar_t>(gx);
           grad_m_ptr[k] = static_cast<scalar_t>(gm);
-          grad_n_ptr[k] = static_cast<scalar_t>(gn);
+          if (grad_n_ptr != nullptr) grad_n_ptr[k] = static_cast<scalar_t>(gn);
         }
       }
     });

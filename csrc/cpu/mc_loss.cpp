@@ -48,7 +48,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mc_loss_backward(const at::Tensor
                                                                 const at::Tensor& target_in,
                                                                 const at::Tensor& weight_in,
                                                                 const at::Tensor& errors_in,
-                                                                std::string_view bound_name, double temperature) {
+                                                                std::string_view bound_name, double temperature,
+                                                                bool need_grad_target) {
   const McLossSizes n = check_mc_loss(pred_in, target_in, weight_in, temperature);
   check_mc_loss_grad(grad_loss_in, errors_in, n, pred_in);
   const math::Bound bound = parse_bound(bound_name);
@@ -56,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mc_loss_backward(const at::Tensor
   const at::Tensor pred = pred_in.contiguous(), target = target_in.contiguous();
   const at::Tensor weight = weight_in.to(acc_type).contiguous(), grad_loss = grad_loss_in.to(acc_type).contiguous();
   const at::Tensor errors = errors_in.to(acc_type).contiguous();
-  at::Tensor grad_pred = at::empty_like(pred), grad_target = at::empty_like(target);
+  at::Tensor grad_pred = at::empty_like(pred), grad_target = gradient_like(target, need_grad_target);
   at::Tensor grad_weight = at::empty({n.B}, weight.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "mc_loss_backward_cpu", [&] {
@@ -65,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mc_loss_backward(const at::Tensor
     const acc_t *weight_ptr = weight.const_data_ptr<acc_t>(), *grad_loss_ptr = grad_loss.const_data_ptr<acc_t>(),
                 *errors_ptr = errors.const_data_ptr<acc_t>();
     scalar_t *grad_pred_ptr = grad_pred.mutable_data_ptr<scalar_t>(),
-             *grad_target_ptr = grad_target.mutable_data_ptr<scalar_t>();
+             *grad_target_ptr = need_grad_target ? grad_target.mutable_data_ptr<scalar_t>() : nullptr;
     acc_t* grad_weight_ptr = grad_weight.mutable_data_ptr<acc_t>();
     const acc_t T = static_cast<acc_t>(temperature);
     at::parallel_for(0, n.B, grain_for(n.M * n.K), [&](int64_t begin, int64_t end) {
@@ -77,7 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mc_loss_backward(const at::Tensor
             upstream * math::loss_gradients(errors_ptr + b, n.B, n.M, weight_ptr[b], bound, T, coef.data());
         for (acc_t& c : coef) c *= upstream;
         math::squared_error_backward(pred_ptr + offset, n.B * n.K, target_ptr + offset, n.M, n.K, coef.data(),
-                                     grad_pred_ptr + offset, grad_target_ptr + offset, SerialLanes{});
+                                     grad_pred_ptr + offset, grad_target_ptr ? grad_target_ptr + offset : nullptr,
+                                     SerialLanes{});
       }
     });
   });

@@ -65,7 +65,7 @@ __global__ void denoise_step_backward_kernel(const scalar_t* __restrict__ grad_x
                                   gm, gn);
       grad_x[k] = static_cast<scalar_t>(gx);
       grad_model[k] = static_cast<scalar_t>(gm);
-      grad_noise[k] = static_cast<scalar_t>(gn);
+      if (grad_noise != nullptr) grad_noise[k] = static_cast<scalar_t>(gn);
     }
   }
 }
@@ -100,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> denoise_step(const at::Tensor& x_t_in, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_step_backward(
     const at::Tensor& grad_x_prev_in, const at::Tensor& grad_x0_in, const at::Tensor& x_t_in,
     const at::Tensor& model_output_in, const at::Tensor& alpha_bar_t, const at::Tensor& alpha_bar_prev, double eta,
-    std::string_view prediction_type, std::optional<double> clip_sample) {
+    std::string_view prediction_type, std::optional<double> clip_sample, bool need_grad_noise) {
   const DenoiseStepSizes n =
       check_denoise_step(x_t_in, model_output_in, alpha_bar_t, alpha_bar_prev, std::nullopt, eta, clip_sample);
   check_denoise_step_grads(grad_x_prev_in, grad_x0_in, x_t_in);
@@ -110,7 +110,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_step_backward(
   const at::Tensor x_t = x_t_in.contiguous(), model_output = model_output_in.contiguous();
   const at::Tensor grad_x_prev = grad_x_prev_in.to(dtype).contiguous(), grad_x0 = grad_x0_in.to(dtype).contiguous();
   const at::Tensor a_t = alpha_bar_t.to(acc_type).contiguous(), a_prev = alpha_bar_prev.to(acc_type).contiguous();
-  at::Tensor grad_x = at::empty_like(x_t), grad_model = at::empty_like(x_t), grad_noise = at::empty_like(x_t);
+  at::Tensor grad_x = at::empty_like(x_t), grad_model = at::empty_like(x_t);
+  at::Tensor grad_noise = gradient_like(x_t, need_grad_noise);
   if (n.B == 0 || n.K == 0) return {grad_x, grad_model, grad_noise};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "denoise_step_backward_cuda", [&] {
@@ -121,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_step_backward(
             model_output.const_data_ptr<scalar_t>(), a_t.const_data_ptr<acc_t>(), a_prev.const_data_ptr<acc_t>(), n.B,
             n.K, static_cast<acc_t>(eta), type, clip_sample.has_value(), static_cast<acc_t>(clip_sample.value_or(0)),
             grad_x.mutable_data_ptr<scalar_t>(), grad_model.mutable_data_ptr<scalar_t>(),
-            grad_noise.mutable_data_ptr<scalar_t>());
+            need_grad_noise ? grad_noise.mutable_data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_x, grad_model, grad_noise};

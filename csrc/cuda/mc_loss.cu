@@ -47,7 +47,7 @@ __global__ void mc_loss_backward_kernel(const acc_t* __restrict__ grad_loss, con
     }
     __syncthreads();
     math::squared_error_backward(pred + b * K, B * K, target + b * K, M, K, coef, grad_pred + b * K,
-                                 grad_target + b * K, BlockLanes<acc_t>{nullptr});
+                                 grad_target ? grad_target + b * K : nullptr, BlockLanes<acc_t>{nullptr});
   }
 }
 
@@ -79,7 +79,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mc_loss_backward(const at::Tensor
                                                                 const at::Tensor& target_in,
                                                                 const at::Tensor& weight_in,
                                                                 const at::Tensor& errors_in,
-                                                                std::string_view bound_name, double temperature) {
+                                                                std::string_view bound_name, double temperature,
+                                                                bool need_grad_target) {
   const McLossSizes n = check_mc_loss(pred_in, target_in, weight_in, temperature);
   check_mc_loss_grad(grad_loss_in, errors_in, n, pred_in);
   const math::Bound bound = parse_bound(bound_name);
@@ -88,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mc_loss_backward(const at::Tensor
   const at::Tensor pred = pred_in.contiguous(), target = target_in.contiguous();
   const at::Tensor weight = weight_in.to(acc_type).contiguous(), grad_loss = grad_loss_in.to(acc_type).contiguous();
   const at::Tensor errors = errors_in.to(acc_type).contiguous();
-  at::Tensor grad_pred = at::empty_like(pred), grad_target = at::empty_like(target);
+  at::Tensor grad_pred = at::empty_like(pred), grad_target = gradient_like(target, need_grad_target);
   at::Tensor grad_weight = at::empty({n.B}, weight.options());
 
   if (n.B > 0) {
@@ -103,7 +104,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mc_loss_backward(const at::Tensor
               grad_loss.const_data_ptr<acc_t>(), pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(),
               weight.const_data_ptr<acc_t>(), errors.const_data_ptr<acc_t>(), n.M, n.B, n.K, bound,
               static_cast<acc_t>(temperature), grad_pred.mutable_data_ptr<scalar_t>(),
-              grad_target.mutable_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<acc_t>());
+              need_grad_target ? grad_target.mutable_data_ptr<scalar_t>() : nullptr,
+              grad_weight.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

@@ -97,7 +97,8 @@ SOFTMIX_HD acc_t loss_gradients(const acc_t* err, int64_t err_stride, int64_t M,
 }
 
 // Given coef[m] = dL/de_m (already scaled by the upstream gradient), write
-// grad_pred[m, k] = coef[m] * 2 (pred - target) / K and grad_target[k] = -sum_m grad_pred[m, k].
+// grad_pred[m, k] = coef[m] * 2 (pred - target) / K and, unless grad_target is null,
+// grad_target[k] = -sum_m grad_pred[m, k].
 template <typename scalar_t, typename acc_t, typename Lanes>
 SOFTMIX_HD void squared_error_backward(const scalar_t* pred, int64_t sample_stride, const scalar_t* target,
                                        int64_t M, int64_t K, const acc_t* coef, scalar_t* grad_pred,
@@ -112,7 +113,7 @@ SOFTMIX_HD void squared_error_backward(const scalar_t* pred, int64_t sample_stri
       grad_pred[m * sample_stride + k] = static_cast<scalar_t>(g);
       g_target -= g;
     }
-    grad_target[k] = static_cast<scalar_t>(g_target);
+    if (grad_target != nullptr) grad_target[k] = static_cast<scalar_t>(g_target);
   }
 }
 

@@ -126,8 +126,9 @@ def _(pred, target, weight, bound="jensen", temperature=1.0):
 
 
 @torch.library.register_fake("softmix::mc_loss_backward")
-def _(grad_loss, pred, target, weight, errors, bound, temperature):
-    return pred.new_empty(pred.shape), target.new_empty(target.shape), weight.new_empty(weight.shape)
+def _(grad_loss, pred, target, weight, errors, bound, temperature, need_grad_target):
+    grad_target = target.new_empty(target.shape if need_grad_target else (0,))
+    return pred.new_empty(pred.shape), grad_target, weight.new_empty(weight.shape)
 
 
 def _mc_loss_setup(ctx, inputs, output):
@@ -139,10 +140,10 @@ def _mc_loss_setup(ctx, inputs, output):
 
 def _mc_loss_backward(ctx, grad_loss, grad_errors):
     pred, target, weight, errors = ctx.saved_tensors
-    grad_pred, grad_target, grad_weight = torch.ops.softmix.mc_loss_backward(
-        grad_loss, pred, target, weight, errors, ctx.bound, ctx.temperature
-    )
     needs = ctx.needs_input_grad
+    grad_pred, grad_target, grad_weight = torch.ops.softmix.mc_loss_backward(
+        grad_loss, pred, target, weight, errors, ctx.bound, ctx.temperature, needs[1]
+    )
     return (
         grad_pred if needs[0] else None,
         grad_target if needs[1] else None,
@@ -223,8 +224,9 @@ def _(x_t, model_output, alpha_bar_t, alpha_bar_prev, noise=None, eta=1.0, predi
 
 
 @torch.library.register_fake("softmix::denoise_step_backward")
-def _(grad_x_prev, grad_x0, x_t, model_output, alpha_bar_t, alpha_bar_prev, eta, prediction_type, clip_sample):
-    return x_t.new_empty(x_t.shape), x_t.new_empty(x_t.shape), x_t.new_empty(x_t.shape)
+def _(grad_x_prev, grad_x0, x_t, model_output, alpha_bar_t, alpha_bar_prev, eta, prediction_type, clip_sample,
+      need_grad_noise):
+    return x_t.new_empty(x_t.shape), x_t.new_empty(x_t.shape), x_t.new_empty(x_t.shape if need_grad_noise else (0,))
 
 
 def _denoise_step_setup(ctx, inputs, output):
@@ -240,6 +242,8 @@ def _denoise_step_backward(ctx, grad_x_prev, grad_x0):
         grad_x_prev = torch.zeros_like(x_t)
     if grad_x0 is None:
         grad_x0 = torch.zeros_like(x_t)
+    needs = ctx.needs_input_grad
+    need_grad_noise = ctx.has_noise and needs[4]
     grad_x_t, grad_model_output, grad_noise = torch.ops.softmix.denoise_step_backward(
         grad_x_prev,
         grad_x0,
@@ -250,14 +254,14 @@ def _denoise_step_backward(ctx, grad_x_prev, grad_x0):
         ctx.eta,
         ctx.prediction_type,
         ctx.clip_sample,
+        need_grad_noise,
     )
-    needs = ctx.needs_input_grad
     return (
         grad_x_t if needs[0] else None,
         grad_model_output if needs[1] else None,
         None,  # the schedule is not differentiated through
         None,
-        grad_noise if ctx.has_noise and needs[4] else None,
+        grad_noise if need_grad_noise else None,
         None,
         None,
         None,
