@@ -8,6 +8,7 @@
 
 #include <optional>
 #include <string_view>
+#include <type_traits>
 
 #include "checks.h"
 #include "cpu/serial_lanes.h"
@@ -81,21 +82,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_step_backward(
              *grad_n_ptr = need_grad_noise ? grad_noise.mutable_data_ptr<scalar_t>() : nullptr;
     const bool clip = clip_sample.has_value();
     const acc_t clip_bound = static_cast<acc_t>(clip_sample.value_or(0));
-    at::parallel_for(0, n.B, grain_for(n.K), [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const auto c = math::step_coefficients<acc_t>(a_ptr[b], a_prev_ptr[b], static_cast<acc_t>(eta), type);
-        const int64_t offset = b * n.K;
-        SOFTMIX_SIMD
-        for (int64_t k = offset; k < offset + n.K; ++k) {
-          acc_t gx, gm, gn;
-          math::step_element_backward(c, static_cast<acc_t>(x_ptr[k]), static_cast<acc_t>(m_ptr[k]), clip, clip_bound,
-                                      static_cast<acc_t>(g_prev_ptr[k]), static_cast<acc_t>(g_x0_ptr[k]), gx, gm, gn);
-          grad_x_ptr[k] = static_cast<scalar_t>(gx);
-          grad_m_ptr[k] = static_cast<scalar_t>(gm);
-          if (grad_n_ptr != nullptr) grad_n_ptr[k] = static_cast<scalar_t>(gn);
+    // the grad_noise store is a template choice: a conditional store leaves the loop scalar
+    auto run = [&](auto write_noise) {
+      at::parallel_for(0, n.B, grain_for(n.K), [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          const auto c = math::step_coefficients<acc_t>(a_ptr[b], a_prev_ptr[b], static_cast<acc_t>(eta), type);
+          const int64_t offset = b * n.K;
+          SOFTMIX_SIMD
+          for (int64_t k = offset; k < offset + n.K; ++k) {
+            acc_t gx, gm, gn;
+            math::step_element_backward(c, static_cast<acc_t>(x_ptr[k]), static_cast<acc_t>(m_ptr[k]), clip,
+                                        clip_bound, static_cast<acc_t>(g_prev_ptr[k]), static_cast<acc_t>(g_x0_ptr[k]),
+                                        gx, gm, gn);
+            grad_x_ptr[k] = static_cast<scalar_t>(gx);
+            grad_m_ptr[k] = static_cast<scalar_t>(gm);
+            if constexpr (decltype(write_noise)::value) grad_n_ptr[k] = static_cast<scalar_t>(gn);
+          }
         }
-      }
-    });
+      });
+    };
+    if (need_grad_noise) {
+      run(std::true_type{});
+    } else {
+      run(std::false_type{});
+    }
   });
   return {grad_x, grad_model, grad_noise};
 }

@@ -77,9 +77,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mc_loss_backward(const at::Tensor
         grad_weight_ptr[b] =
             upstream * math::loss_gradients(errors_ptr + b, n.B, n.M, weight_ptr[b], bound, T, coef.data());
         for (acc_t& c : coef) c *= upstream;
-        math::squared_error_backward(pred_ptr + offset, n.B * n.K, target_ptr + offset, n.M, n.K, coef.data(),
-                                     grad_pred_ptr + offset, grad_target_ptr ? grad_target_ptr + offset : nullptr,
-                                     SerialLanes{});
+        math::squared_error_backward_dispatch(pred_ptr + offset, n.B * n.K, target_ptr + offset, n.M, n.K,
+                                              coef.data(), grad_pred_ptr + offset,
+                                              grad_target_ptr ? grad_target_ptr + offset : nullptr, SerialLanes{});
       }
     });
   });

@@ -46,8 +46,14 @@ __global__ void mc_loss_backward_kernel(const acc_t* __restrict__ grad_loss, con
       for (int64_t m = 0; m < M; ++m) coef[m] *= upstream;
     }
     __syncthreads();
-    math::squared_error_backward(pred + b * K, B * K, target + b * K, M, K, coef, grad_pred + b * K,
-                                 grad_target ? grad_target + b * K : nullptr, BlockLanes<acc_t>{nullptr});
+    // one thread per k holds the sum over m in a register: M at run time costs nothing here
+    if (grad_target != nullptr) {
+      math::squared_error_backward<0, true>(pred + b * K, B * K, target + b * K, M, K, coef, grad_pred + b * K,
+                                            grad_target + b * K, BlockLanes<acc_t>{nullptr});
+    } else {
+      math::squared_error_backward<0, false>(pred + b * K, B * K, target + b * K, M, K, coef, grad_pred + b * K,
+                                             nullptr, BlockLanes<acc_t>{nullptr});
+    }
   }
 }
 
