@@ -51,7 +51,8 @@ def reference_with_grads(pred, target, weight, grad_loss, bound, temperature):
     return loss.detach(), [a.grad for a in args]
 
 
-# M in 1..16 (1, 2, 3, 4, 5, 7, 16), B in {0, 1, 7, ...}, S from one value to odd images.
+# M in 1..16 (1, 2, 3, 4, 5, 7, 8, 16: the CPU backward has a loop for each of 1, 2, 4, 8, 16
+# and one for any other M), B in {0, 1, 7, ...}, S from one value to odd images.
 SIZES = [
     # M,  B, S
     (1, 7, (3,)),
@@ -60,6 +61,7 @@ SIZES = [
     (4, 5, (3, 8, 8)),
     (5, 3, (33,)),
     (7, 2, (1, 9, 7)),
+    (8, 3, (5, 7)),
     (16, 4, (2, 3)),
     (4, 128, (4, 4)),
     (2, 3, (3, 64, 64)),  # long rows: 12288 values accumulated per example

@@ -11,6 +11,11 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
   ``idh`` (width of the identifier MLP), ``etadim`` (size of eta);
 - ``noeta`` (1: eta fixed to zero, so z depends on x_t alone); ``discrete`` (K: eta is one of K
   one-hot codes, a finite mixture; use with ``M=K`` so that training enumerates them);
+- ``cat`` (K: a categorical identifier, ``CategoricalIdentifier``: K learned codes with weights
+  that depend on ``x_t`` and ``t``; training enumerates the K components, exact mixture
+  likelihood at the ``posterior`` sharpness); ``addz`` (1: the head also adds ``B z`` to the
+  features, ``h + W_out y + B z``, so components may differ by a constant, not only by a
+  modulation of ``h``);
 - ``hidden``, ``layers``, ``ff``, ``ffs`` (backbone; Fourier features and their scale), ``bs`` (batch size), ``lr``, ``method`` (sampler: ``ddpm`` | ``ddim``).
 """
 
@@ -27,6 +32,8 @@ from torch import nn
 import softmix
 from softmix import SMD, NoiseSchedule
 from softmix.nets import ConvDenoiser, MLPDenoiser
+from softmix.head import SMDHead
+from softmix.loss import noised_batch, step_precision
 from softmix.posterior import PosteriorEncoder, elbo_loss
 
 # names used in the tables for the built-in variants
@@ -53,6 +60,8 @@ class Variant:
     idh: int | None = None  # width of the identifier MLP (None: SMD's default)
     noeta: bool = False
     discrete: int = 0  # > 0: eta is one of K one-hot codes (a finite mixture; training enumerates all K)
+    cat: int = 0  # > 0: categorical identifier with K learned, x_t-dependent weights (exploration)
+    addz: bool = False  # the head adds B z to the features (exploration)
     hidden: int = 128
     layers: int = 3
     ff: int = 64  # random Fourier features of the input (MLPDenoiser(fourier=...)); 0: none
@@ -75,9 +84,9 @@ class Variant:
         for k, v in kv.items():
             if k not in types or k in ("name", "extra"):
                 raise ValueError(f"unknown variant key {k!r} in {text!r}")
-            if k in ("smd", "noeta"):
+            if k in ("smd", "noeta", "addz"):
                 out[k] = v not in ("0", "false", "False", "")
-            elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim", "discrete"):
+            elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim", "discrete", "cat"):
                 out[k] = int(v)
             elif k in ("temp", "minvar", "lr", "klw", "ffs"):
                 out[k] = float(v)
@@ -94,8 +103,14 @@ def build_model(v: Variant, sample_shape: tuple[int, ...]) -> nn.Module:
         backbone = ConvDenoiser(sample_shape[0], hidden=v.hidden, blocks=v.layers, groups=math.gcd(8, v.hidden))
     if not v.smd:
         return backbone
+    identifier = None
+    if v.cat:
+        identifier = CategoricalIdentifier(sample_shape[0], v.latent, v.cat, hidden=v.idh or 128)
     model = SMD(backbone, latent_dim=v.latent, inject=v.inject, identifier_hidden=v.idh,
-                noise_channels=v.discrete or v.etadim)
+                noise_channels=v.cat or v.discrete or v.etadim, identifier=identifier)
+    if v.addz:
+        for head in model.heads:
+            add_latent_bias(head)
     if v.discrete:  # exploration: a finite mixture of K components, eta = one-hot code
         def one_hot_eta(x_t, generator=None, num_samples=1, _k=v.discrete):
             b = x_t.shape[0]
@@ -113,6 +128,65 @@ def build_model(v: Variant, sample_shape: tuple[int, ...]) -> nn.Module:
 
         model.sample_eta = zero_eta
     return model
+
+
+class CategoricalIdentifier(nn.Module):
+    """Exploration (vector data): ``z = codes[k]`` with ``k ~ Cat(softmax(logits(x_t, t)))``,
+    drawn from ``eta ~ N(0, I_K)`` by the Gumbel-max trick (``-log(-log Phi(eta_k))`` is
+    Gumbel), so it is a deterministic map of ``(eta, x_t, t)`` like any SMD identifier, but
+    its mixture weights follow ``x_t``, which SMD's Gaussian ``eta`` cannot do. With
+    ``enumerating`` set, ``eta`` is a one-hot code and picks its component (training)."""
+
+    def __init__(self, features: int, latent_dim: int, num_codes: int, hidden: int = 128, max_steps: int = 1000):
+        super().__init__()
+        self.num_codes, self.enumerating = num_codes, False
+        self.t_embed = nn.Embedding(max_steps, 32)
+        self.net = nn.Sequential(nn.Linear(features + 32, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, num_codes))
+        self.codes = nn.Embedding(num_codes, latent_dim)
+
+    def logits(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x_t.flatten(1), self.t_embed(t.long())], 1))
+
+    def forward(self, eta: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.enumerating:
+            return self.codes(eta.argmax(1))
+        u = torch.special.ndtr(eta.float()).clamp(1e-7, 1 - 1e-7)
+        return self.codes((self.logits(x_t, t) - torch.log(-torch.log(u))).argmax(1))
+
+
+def categorical_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, gen: torch.Generator,
+                     min_variance: float) -> torch.Tensor:
+    """``-(1/k_t) log sum_k pi_k(x_t) exp(-k_t e_k)``: the exact likelihood of the step under
+    the K-component mixture, at the ``posterior`` bound's sharpness ``k_t``."""
+    identifier = model.identifier
+    b, num = x0.shape[0], identifier.num_codes
+    t, x_t, target = noised_batch(schedule, x0, "epsilon", generator=gen)
+    eta = torch.nn.functional.one_hot(torch.arange(num).repeat_interleave(b), num).to(x0.dtype)
+    identifier.enumerating = True
+    try:
+        pred = model(x_t, t, eta=eta).reshape(num, *x0.shape)
+    finally:
+        identifier.enumerating = False
+    e = (pred - target).square().flatten(2).mean(-1)  # (K, B)
+    k = step_precision(schedule, t, x0[0].numel(), min_variance=min_variance)
+    log_pi = torch.log_softmax(identifier.logits(x_t, t), -1).T
+    return (-torch.logsumexp(log_pi - k * e, 0) / k).mean()
+
+
+class LatentBiasHead(SMDHead):
+    """Exploration: the SMD head's modulation plus ``B z`` (``B`` zero at init)."""
+
+    def modulation(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        out = super().modulation(h, z)
+        rows = self._fit_latent(z.to(out.dtype), h.shape, z.shape[0])
+        return out + self._unrows(self.z_bias(rows), out.shape)
+
+
+def add_latent_bias(head: SMDHead) -> None:
+    head.__class__ = LatentBiasHead  # a class, not a patched method, so that deepcopy (EMA) keeps it
+    head.z_bias = nn.Linear(head.latent_dim, head.channels, bias=False)
+    nn.init.zeros_(head.z_bias.weight)
 
 
 def num_params(model: nn.Module) -> int:
@@ -142,6 +216,8 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
         x0 = draw_batch(v.bs, gen)
         if encoder is not None:
             loss = elbo_loss(model, encoder, schedule, x0, generator=gen, **kw)
+        elif v.cat:
+            loss = categorical_loss(model, schedule, x0, gen, v.minvar)
         else:
             loss = softmix.training_loss(model, schedule, x0, generator=gen, **kw)
         opt.zero_grad(set_to_none=True)
