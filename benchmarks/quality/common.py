@@ -16,7 +16,8 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
   likelihood at the ``posterior`` sharpness); ``addz`` (1: the head also adds ``B z`` to the
   features, ``h + W_out y + B z``, so components may differ by a constant, not only by a
   modulation of ``h``);
-- ``hidden``, ``layers``, ``ff``, ``ffs`` (backbone; Fourier features and their scale), ``bs`` (batch size), ``lr``, ``method`` (sampler: ``ddpm`` | ``ddim``).
+- ``hidden``, ``layers``, ``ff``, ``ffs`` (backbone; Fourier features and their scale), ``bs`` (batch size), ``lr``, ``method`` (sampler: ``ddpm`` | ``ddim``),
+  ``pred`` (what the model predicts: ``epsilon`` | ``sample`` | ``v_prediction``).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class Variant:
     ff: int = 64  # random Fourier features of the input (MLPDenoiser(fourier=...)); 0: none
     ffs: float = 2.0  # their scale
     method: str = "ddpm"
+    pred: str = "epsilon"  # prediction_type
     lr: float = 1e-3
     bs: int = 256  # batch size
     extra: dict = field(default_factory=dict)
@@ -156,12 +158,12 @@ class CategoricalIdentifier(nn.Module):
 
 
 def categorical_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, gen: torch.Generator,
-                     min_variance: float) -> torch.Tensor:
+                     min_variance: float, prediction_type: str = "epsilon") -> torch.Tensor:
     """``-(1/k_t) log sum_k pi_k(x_t) exp(-k_t e_k)``: the exact likelihood of the step under
     the K-component mixture, at the ``posterior`` bound's sharpness ``k_t``."""
     identifier = model.identifier
     b, num = x0.shape[0], identifier.num_codes
-    t, x_t, target = noised_batch(schedule, x0, "epsilon", generator=gen)
+    t, x_t, target = noised_batch(schedule, x0, prediction_type, generator=gen)
     eta = torch.nn.functional.one_hot(torch.arange(num).repeat_interleave(b), num).to(x0.dtype)
     identifier.enumerating = True
     try:
@@ -169,7 +171,7 @@ def categorical_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor
     finally:
         identifier.enumerating = False
     e = (pred - target).square().flatten(2).mean(-1)  # (K, B)
-    k = step_precision(schedule, t, x0[0].numel(), min_variance=min_variance)
+    k = step_precision(schedule, t, x0[0].numel(), prediction_type, min_variance)
     log_pi = torch.log_softmax(identifier.logits(x_t, t), -1).T
     return (-torch.logsumexp(log_pi - k * e, 0) / k).mean()
 
@@ -211,13 +213,14 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
         kw = dict(kl_weight=v.klw, min_variance=v.minvar)
     elif v.smd:
         kw = dict(num_samples=v.M, bound=v.bound, temperature=v.temp, min_variance=v.minvar)
+    kw["prediction_type"] = v.pred
     t0 = time.perf_counter()
     for _ in range(iters):
         x0 = draw_batch(v.bs, gen)
         if encoder is not None:
             loss = elbo_loss(model, encoder, schedule, x0, generator=gen, **kw)
         elif v.cat:
-            loss = categorical_loss(model, schedule, x0, gen, v.minvar)
+            loss = categorical_loss(model, schedule, x0, gen, v.minvar, v.pred)
         else:
             loss = softmix.training_loss(model, schedule, x0, generator=gen, **kw)
         opt.zero_grad(set_to_none=True)
@@ -233,7 +236,7 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
 def draw_samples(model: nn.Module, v: Variant, schedule: NoiseSchedule, shape, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(10_000 + seed)
     return softmix.sample(model, schedule, shape, steps=schedule.num_steps, method=v.method, generator=g,
-                          progress=False)
+                          prediction_type=v.pred, progress=False)
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:
