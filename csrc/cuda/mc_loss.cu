@@ -52,7 +52,7 @@ __global__ void mc_loss_backward_kernel(const acc_t* __restrict__ grad_loss, con
                                             grad_target + b * K, BlockLanes<acc_t>{nullptr});
     } else {
       math::squared_error_backward<0, false>(pred + b * K, B * K, target + b * K, M, K, coef, grad_pred + b * K,
-                                             nullptr, BlockLanes<acc_t>{nullptr});
+                                             grad_target, BlockLanes<acc_t>{nullptr});
     }
   }
 }
