@@ -56,8 +56,8 @@ DEFAULT_MIN_VARIANCE = 1e-3
 # Neither bound raises the share of samples within 3 std of a mode at T = 4 (about 29% for
 # SMD and the plain model): see the results page. At T = 50 "posterior" is worse than the
 # plain model (high-quality share 43% vs 63%, 3 seeds): it helps at T <= 10. An identifier with
-# x_t-dependent (categorical) mixture weights and x0 prediction reaches 94% at T = 4; it is
-# measured in benchmarks/quality/ and not yet part of the library.
+# x_t-dependent (categorical) mixture weights and x0 prediction reaches 94% at T = 4 (but
+# not at T = 10 or 50); it is measured in benchmarks/quality/ and not part of the library.
 DEFAULT_BOUND = "posterior"
 DEFAULT_NUM_SAMPLES = 16
 
