@@ -15,7 +15,8 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
   that depend on ``x_t`` and ``t``; training enumerates the K components, exact mixture
   likelihood at the ``posterior`` sharpness); ``addz`` (1: the head also adds ``B z`` to the
   features, ``h + W_out y + B z``, so components may differ by a constant, not only by a
-  modulation of ``h``);
+  modulation of ``h``); ``catlast`` (1: the mixture likelihood only on the last step, ``t = 0``;
+  on the others every component regresses the posterior mean, as the plain loss);
 - ``hidden``, ``layers``, ``ff``, ``ffs`` (backbone; Fourier features and their scale), ``bs`` (batch size), ``lr``, ``method`` (sampler: ``ddpm`` | ``ddim``),
   ``pred`` (what the model predicts: ``epsilon`` | ``sample`` | ``v_prediction``).
 """
@@ -63,6 +64,7 @@ class Variant:
     discrete: int = 0  # > 0: eta is one of K one-hot codes (a finite mixture; training enumerates all K)
     cat: int = 0  # > 0: categorical identifier with K learned, x_t-dependent weights (exploration)
     addz: bool = False  # the head adds B z to the features (exploration)
+    catlast: bool = False  # cat: the mixture likelihood on the last step only (exploration)
     hidden: int = 128
     layers: int = 3
     ff: int = 64  # random Fourier features of the input (MLPDenoiser(fourier=...)); 0: none
@@ -86,7 +88,7 @@ class Variant:
         for k, v in kv.items():
             if k not in types or k in ("name", "extra"):
                 raise ValueError(f"unknown variant key {k!r} in {text!r}")
-            if k in ("smd", "noeta", "addz"):
+            if k in ("smd", "noeta", "addz", "catlast"):
                 out[k] = v not in ("0", "false", "False", "")
             elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim", "discrete", "cat"):
                 out[k] = int(v)
@@ -158,9 +160,12 @@ class CategoricalIdentifier(nn.Module):
 
 
 def categorical_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, gen: torch.Generator,
-                     min_variance: float, prediction_type: str = "epsilon") -> torch.Tensor:
+                     min_variance: float, prediction_type: str = "epsilon", last_step_only: bool = False
+                     ) -> torch.Tensor:
     """``-(1/k_t) log sum_k pi_k(x_t) exp(-k_t e_k)``: the exact likelihood of the step under
-    the K-component mixture, at the ``posterior`` bound's sharpness ``k_t``."""
+    the K-component mixture, at the ``posterior`` bound's sharpness ``k_t``. With
+    ``last_step_only``, steps ``t > 0`` use ``sum_k pi_k e_k`` instead (minimised by every
+    component predicting the posterior mean: the plain model's loss)."""
     identifier = model.identifier
     b, num = x0.shape[0], identifier.num_codes
     t, x_t, target = noised_batch(schedule, x0, prediction_type, generator=gen)
@@ -173,7 +178,10 @@ def categorical_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor
     e = (pred - target).square().flatten(2).mean(-1)  # (K, B)
     k = step_precision(schedule, t, x0[0].numel(), prediction_type, min_variance)
     log_pi = torch.log_softmax(identifier.logits(x_t, t), -1).T
-    return (-torch.logsumexp(log_pi - k * e, 0) / k).mean()
+    mixture = -torch.logsumexp(log_pi - k * e, 0) / k
+    if last_step_only:
+        mixture = torch.where(t == 0, mixture, (log_pi.exp() * e).sum(0))
+    return mixture.mean()
 
 
 class LatentBiasHead(SMDHead):
@@ -220,7 +228,7 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
         if encoder is not None:
             loss = elbo_loss(model, encoder, schedule, x0, generator=gen, **kw)
         elif v.cat:
-            loss = categorical_loss(model, schedule, x0, gen, v.minvar, v.pred)
+            loss = categorical_loss(model, schedule, x0, gen, v.minvar, v.pred, v.catlast)
         else:
             loss = softmix.training_loss(model, schedule, x0, generator=gen, **kw)
         opt.zero_grad(set_to_none=True)
