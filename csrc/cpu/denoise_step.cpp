@@ -17,6 +17,21 @@
 namespace softmix::cpu {
 namespace {
 
+// The loop both passes share: parallel over samples, the step's constants once per sample,
+// then element(c, k) for each of the sample's values in a loop the compiler vectorises.
+template <typename acc_t, typename Element>
+void for_each_step_element(const DenoiseStepSizes& n, const acc_t* a_t, const acc_t* a_prev, double eta,
+                           math::PredictionType type, const Element& element) {
+  at::parallel_for(0, n.B, grain_for(n.K), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const auto c = math::step_coefficients<acc_t>(a_t[b], a_prev[b], static_cast<acc_t>(eta), type);
+      const int64_t offset = b * n.K;
+      SOFTMIX_SIMD
+      for (int64_t k = offset; k < offset + n.K; ++k) element(c, k);
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> denoise_step(const at::Tensor& x_t_in, const at::Tensor& model_output_in,
                                                 const at::Tensor& alpha_bar_t, const at::Tensor& alpha_bar_prev,
                                                 const std::optional<at::Tensor>& noise_in, double eta,
@@ -39,20 +54,13 @@ std::tuple<at::Tensor, at::Tensor> denoise_step(const at::Tensor& x_t_in, const 
     scalar_t *x_prev_ptr = x_prev.mutable_data_ptr<scalar_t>(), *x0_ptr = x0.mutable_data_ptr<scalar_t>();
     const bool clip = clip_sample.has_value();
     const acc_t clip_bound = static_cast<acc_t>(clip_sample.value_or(0));
-    at::parallel_for(0, n.B, grain_for(n.K), [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const auto c = math::step_coefficients<acc_t>(a_ptr[b], a_prev_ptr[b], static_cast<acc_t>(eta), type);
-        const int64_t offset = b * n.K;
-        SOFTMIX_SIMD
-        for (int64_t k = offset; k < offset + n.K; ++k) {
-          const acc_t noise_k = noise_ptr ? static_cast<acc_t>(noise_ptr[k]) : acc_t(0);
-          acc_t prev, x0_k;
-          math::step_element(c, static_cast<acc_t>(x_ptr[k]), static_cast<acc_t>(m_ptr[k]), noise_k, clip, clip_bound,
-                             prev, x0_k);
-          x_prev_ptr[k] = static_cast<scalar_t>(prev);
-          x0_ptr[k] = static_cast<scalar_t>(x0_k);
-        }
-      }
+    for_each_step_element(n, a_ptr, a_prev_ptr, eta, type, [&](const auto& c, int64_t k) {
+      const acc_t noise_k = noise_ptr ? static_cast<acc_t>(noise_ptr[k]) : acc_t(0);
+      acc_t prev, x0_k;
+      math::step_element(c, static_cast<acc_t>(x_ptr[k]), static_cast<acc_t>(m_ptr[k]), noise_k, clip, clip_bound,
+                         prev, x0_k);
+      x_prev_ptr[k] = static_cast<scalar_t>(prev);
+      x0_ptr[k] = static_cast<scalar_t>(x0_k);
     });
   });
   return {x_prev, x0};
@@ -84,21 +92,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_step_backward(
     const acc_t clip_bound = static_cast<acc_t>(clip_sample.value_or(0));
     // the grad_noise store is a template choice: a conditional store leaves the loop scalar
     auto run = [&](auto write_noise) {
-      at::parallel_for(0, n.B, grain_for(n.K), [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          const auto c = math::step_coefficients<acc_t>(a_ptr[b], a_prev_ptr[b], static_cast<acc_t>(eta), type);
-          const int64_t offset = b * n.K;
-          SOFTMIX_SIMD
-          for (int64_t k = offset; k < offset + n.K; ++k) {
-            acc_t gx, gm, gn;
-            math::step_element_backward(c, static_cast<acc_t>(x_ptr[k]), static_cast<acc_t>(m_ptr[k]), clip,
-                                        clip_bound, static_cast<acc_t>(g_prev_ptr[k]), static_cast<acc_t>(g_x0_ptr[k]),
-                                        gx, gm, gn);
-            grad_x_ptr[k] = static_cast<scalar_t>(gx);
-            grad_m_ptr[k] = static_cast<scalar_t>(gm);
-            if constexpr (decltype(write_noise)::value) grad_n_ptr[k] = static_cast<scalar_t>(gn);
-          }
-        }
+      for_each_step_element(n, a_ptr, a_prev_ptr, eta, type, [&](const auto& c, int64_t k) {
+        acc_t gx, gm, gn;
+        math::step_element_backward(c, static_cast<acc_t>(x_ptr[k]), static_cast<acc_t>(m_ptr[k]), clip, clip_bound,
+                                    static_cast<acc_t>(g_prev_ptr[k]), static_cast<acc_t>(g_x0_ptr[k]), gx, gm, gn);
+        grad_x_ptr[k] = static_cast<scalar_t>(gx);
+        grad_m_ptr[k] = static_cast<scalar_t>(gm);
+        if constexpr (decltype(write_noise)::value) grad_n_ptr[k] = static_cast<scalar_t>(gn);
       });
     };
     if (need_grad_noise) {
