@@ -11,14 +11,15 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
   ``idh`` (width of the identifier MLP), ``etadim`` (size of eta);
 - ``noeta`` (1: eta fixed to zero, so z depends on x_t alone); ``discrete`` (K: eta is one of K
   one-hot codes, a finite mixture; use with ``M=K`` so that training enumerates them);
-- ``cat`` (K: a categorical identifier, ``CategoricalIdentifier``: K learned codes with weights
-  that depend on ``x_t`` and ``t``; training enumerates the K components, exact mixture
-  likelihood at the ``posterior`` sharpness); ``addz`` (1: the head also adds ``B z`` to the
+- ``cat`` (K: ``SMD(identifier="categorical", num_components=K)``, ``softmix.categorical``: K
+  learned codes with weights that depend on ``x_t`` and ``t``; training enumerates the K
+  components, the exact mixture likelihood at the ``posterior`` sharpness); ``addz`` (1: the head also adds ``B z`` to the
   features, ``h + W_out y + B z``, so components may differ by a constant, not only by a
   modulation of ``h``); ``catlast`` (1: the mixture likelihood only on the last step, ``t = 0``;
   on the others every component regresses the posterior mean, as the plain loss);
 - ``hidden``, ``layers``, ``ff``, ``ffs`` (backbone; Fourier features and their scale), ``bs`` (batch size), ``lr``, ``method`` (sampler: ``ddpm`` | ``ddim``),
-  ``pred`` (what the model predicts: ``epsilon`` | ``sample`` | ``v_prediction``).
+  ``pred`` (what the model predicts: ``epsilon`` | ``sample`` | ``v_prediction`` | ``mixed``:
+  ``x0`` on the last step, ``t = 0``, and ``eps`` on the others; for ``plain`` and ``cat``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import softmix
 from softmix import SMD, NoiseSchedule
 from softmix.nets import ConvDenoiser, MLPDenoiser
 from softmix.head import SMDHead
-from softmix.loss import noised_batch, step_precision
+from softmix.loss import categorical_bound, noised_batch, step_precision
 from softmix.posterior import PosteriorEncoder, elbo_loss
 
 # names used in the tables for the built-in variants
@@ -107,11 +108,12 @@ def build_model(v: Variant, sample_shape: tuple[int, ...]) -> nn.Module:
         backbone = ConvDenoiser(sample_shape[0], hidden=v.hidden, blocks=v.layers, groups=math.gcd(8, v.hidden))
     if not v.smd:
         return backbone
-    identifier = None
     if v.cat:
-        identifier = CategoricalIdentifier(sample_shape[0], v.latent, v.cat, hidden=v.idh or 128)
-    model = SMD(backbone, latent_dim=v.latent, inject=v.inject, identifier_hidden=v.idh,
-                noise_channels=v.cat or v.discrete or v.etadim, identifier=identifier)
+        model = SMD(backbone, latent_dim=v.latent, inject=v.inject, identifier="categorical", num_components=v.cat,
+                    identifier_hidden=v.idh or 128)
+    else:
+        model = SMD(backbone, latent_dim=v.latent, inject=v.inject, identifier_hidden=v.idh,
+                    noise_channels=v.discrete or v.etadim)
     if v.addz:
         for head in model.heads:
             add_latent_bias(head)
@@ -134,53 +136,66 @@ def build_model(v: Variant, sample_shape: tuple[int, ...]) -> nn.Module:
     return model
 
 
-class CategoricalIdentifier(nn.Module):
-    """Exploration (vector data): ``z = codes[k]`` with ``k ~ Cat(softmax(logits(x_t, t)))``,
-    drawn from ``eta ~ N(0, I_K)`` by the Gumbel-max trick (``-log(-log Phi(eta_k))`` is
-    Gumbel), so it is a deterministic map of ``(eta, x_t, t)`` like any SMD identifier, but
-    its mixture weights follow ``x_t``, which SMD's Gaussian ``eta`` cannot do. With
-    ``enumerating`` set, ``eta`` is a one-hot code and picks its component (training)."""
+def _per_step(t: torch.Tensor, last, other) -> torch.Tensor:
+    """``last`` on the examples at ``t = 0``, ``other`` elsewhere (broadcast over features)."""
+    return torch.where((t == 0).reshape(-1, *[1] * (other.dim() - 1)), last, other)
 
-    def __init__(self, features: int, latent_dim: int, num_codes: int, hidden: int = 128, max_steps: int = 1000):
+
+def prediction_batch(schedule: NoiseSchedule, x0: torch.Tensor, prediction_type: str, gen: torch.Generator
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``noised_batch`` that also knows ``mixed``: ``x0`` the target at ``t = 0``, ``eps`` elsewhere."""
+    if prediction_type != "mixed":
+        return noised_batch(schedule, x0, prediction_type, generator=gen)
+    t, x_t, eps = noised_batch(schedule, x0, "epsilon", generator=gen)
+    return t, x_t, _per_step(t, x0, eps)
+
+
+def precision(schedule: NoiseSchedule, t: torch.Tensor, features: int, prediction_type: str,
+              min_variance: float) -> torch.Tensor:
+    """``step_precision`` that also knows ``mixed``."""
+    if prediction_type != "mixed":
+        return step_precision(schedule, t, features, prediction_type, min_variance)
+    k_x0, k_eps = (step_precision(schedule, t, features, p, min_variance) for p in ("sample", "epsilon"))
+    return _per_step(t, k_x0, k_eps)
+
+
+def mixed_plain_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, gen: torch.Generator
+                     ) -> torch.Tensor:
+    """The plain loss with ``pred=mixed``: mean squared error to ``x0`` at ``t = 0``, to ``eps`` elsewhere."""
+    t, x_t, target = prediction_batch(schedule, x0, "mixed", gen)
+    return (model(x_t, t) - target).square().mean()
+
+
+class LastStepX0(nn.Module):
+    """``pred=mixed`` for the sampler: the network predicts ``x0`` at ``t = 0`` and ``eps``
+    elsewhere; this turns the ``x0`` into the ``eps`` it implies, so the chain runs as ``eps``."""
+
+    def __init__(self, model: nn.Module, schedule: NoiseSchedule):
         super().__init__()
-        self.num_codes, self.enumerating = num_codes, False
-        self.t_embed = nn.Embedding(max_steps, 32)
-        self.net = nn.Sequential(nn.Linear(features + 32, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, num_codes))
-        self.codes = nn.Embedding(num_codes, latent_dim)
+        self._orig_mod = model  # the name torch.compile uses: softmix's sampler unwraps it to find the SMD model
+        self.alpha_bar_0 = float(schedule.alphas_cumprod[0])
 
-    def logits(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([x_t.flatten(1), self.t_embed(t.long())], 1))
-
-    def forward(self, eta: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.enumerating:
-            return self.codes(eta.argmax(1))
-        u = torch.special.ndtr(eta.float()).clamp(1e-7, 1 - 1e-7)
-        return self.codes((self.logits(x_t, t) - torch.log(-torch.log(u))).argmax(1))
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        out = self._orig_mod(x_t, t, **kwargs)
+        eps = (x_t - math.sqrt(self.alpha_bar_0) * out) / math.sqrt(1 - self.alpha_bar_0)
+        return _per_step(t, eps, out)
 
 
-def categorical_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, gen: torch.Generator,
+def categorical_loss(model: SMD, schedule: NoiseSchedule, x0: torch.Tensor, gen: torch.Generator,
                      min_variance: float, prediction_type: str = "epsilon", last_step_only: bool = False
                      ) -> torch.Tensor:
-    """``-(1/k_t) log sum_k pi_k(x_t) exp(-k_t e_k)``: the exact likelihood of the step under
-    the K-component mixture, at the ``posterior`` bound's sharpness ``k_t``. With
-    ``last_step_only``, steps ``t > 0`` use ``sum_k pi_k e_k`` instead (minimised by every
-    component predicting the posterior mean: the plain model's loss)."""
-    identifier = model.identifier
-    b, num = x0.shape[0], identifier.num_codes
-    t, x_t, target = noised_batch(schedule, x0, prediction_type, generator=gen)
-    eta = torch.nn.functional.one_hot(torch.arange(num).repeat_interleave(b), num).to(x0.dtype)
-    identifier.enumerating = True
-    try:
-        pred = model(x_t, t, eta=eta).reshape(num, *x0.shape)
-    finally:
-        identifier.enumerating = False
-    e = (pred - target).square().flatten(2).mean(-1)  # (K, B)
-    k = step_precision(schedule, t, x0[0].numel(), prediction_type, min_variance)
-    log_pi = torch.log_softmax(identifier.logits(x_t, t), -1).T
-    mixture = -torch.logsumexp(log_pi - k * e, 0) / k
+    """``softmix.training_loss`` of a categorical SMD (the exact mixture likelihood of the step
+    at the ``posterior`` sharpness ``k_t``), extended for two explorations: ``pred=mixed``, and
+    with ``last_step_only`` the plain loss ``sum_k pi_k e_k`` on the steps ``t > 0`` (minimised
+    by every component predicting the posterior mean)."""
+    b, num = x0.shape[0], model.identifier.num_components
+    t, x_t, target = prediction_batch(schedule, x0, prediction_type, gen)
+    pred = model(x_t, t, components=True).reshape(num, *x0.shape)
+    log_pi, w = model.last_log_weights.T, torch.ones(b)
+    k = precision(schedule, t, x0[0].numel(), prediction_type, min_variance).float()
+    mixture = categorical_bound(pred, target, log_pi, w, "posterior", precision=k)
     if last_step_only:
-        mixture = torch.where(t == 0, mixture, (log_pi.exp() * e).sum(0))
+        mixture = torch.where(t == 0, mixture, categorical_bound(pred, target, log_pi, w, "jensen"))
     return mixture.mean()
 
 
@@ -227,8 +242,12 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
         x0 = draw_batch(v.bs, gen)
         if encoder is not None:
             loss = elbo_loss(model, encoder, schedule, x0, generator=gen, **kw)
-        elif v.cat:
+        elif v.cat and (v.catlast or v.pred == "mixed"):
             loss = categorical_loss(model, schedule, x0, gen, v.minvar, v.pred, v.catlast)
+        elif v.pred == "mixed":
+            if v.smd:
+                raise ValueError(f"{v.name}: pred=mixed is implemented for plain and cat variants only")
+            loss = mixed_plain_loss(model, schedule, x0, gen)
         else:
             loss = softmix.training_loss(model, schedule, x0, generator=gen, **kw)
         opt.zero_grad(set_to_none=True)
@@ -243,8 +262,11 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
 
 def draw_samples(model: nn.Module, v: Variant, schedule: NoiseSchedule, shape, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(10_000 + seed)
+    pred = v.pred
+    if pred == "mixed":
+        model, pred = LastStepX0(model, schedule), "epsilon"
     return softmix.sample(model, schedule, shape, steps=schedule.num_steps, method=v.method, generator=g,
-                          prediction_type=v.pred, progress=False)
+                          prediction_type=pred, progress=False)
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:

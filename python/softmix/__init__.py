@@ -1,6 +1,7 @@
 """softmix: Soft Mixture Denoising (SMD, ICLR 2024) for any PyTorch diffusion model."""
 
 from softmix import ops, reference
+from softmix.categorical import CategoricalIdentifier
 from softmix.diffusers_compat import register_with_diffusers
 from softmix.ema import EMA
 from softmix.head import ConvIdentifier, MLPIdentifier, SMDHead
@@ -21,6 +22,7 @@ __all__ = [
     "SMDHead",
     "ConvIdentifier",
     "MLPIdentifier",
+    "CategoricalIdentifier",
     "find_injection_points",
     "training_loss",
     "sample",

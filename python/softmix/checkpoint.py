@@ -214,6 +214,8 @@ def load_smd(
     smd = dict(config["smd"])
     if smd.pop("custom_identifier", False) and identifier is None:
         raise CheckpointError(f"{path} was saved with a custom identifier: pass identifier=<a fresh one>")
+    if smd.get("identifier") == "categorical":
+        identifier = "categorical"
     if denoiser is None:
         denoiser = _rebuild_denoiser(config.get("denoiser"), path)
     model = SMD(
@@ -225,6 +227,7 @@ def load_smd(
         in_channels=smd["in_channels"],
         noise_channels=smd["noise_channels"],
         identifier_hidden=smd.get("identifier_hidden"),
+        num_components=smd.get("num_components", 64),
     )
     state = load_tensors(path / WEIGHTS_NAME, map_location=map_location)
     load_state_into(model, state, str(path / WEIGHTS_NAME))

@@ -55,7 +55,7 @@ def _steps_list(text: str) -> list[int]:
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     from softmix.loss import BOUNDS
     from softmix.schedule import PREDICTION_TYPES, SCHEDULE_KINDS
-    from softmix.train import PRECISIONS
+    from softmix.train import IDENTIFIERS, PRECISIONS
 
     p.add_argument("--data", default="gmm", help="gmm | gmm-ring | gmm-widths | gmm-d8 | gmm-d32 | digits | a folder of images (default gmm)")
     p.add_argument("--iters", type=_positive_int, default=2000, help="training steps (default 2000)")
@@ -72,6 +72,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="output (before the last layer; default) | auto (also after the first) | input | "
                         "comma-separated module names")
     p.add_argument("--num-samples", type=_positive_int, default=None, help="Monte Carlo samples M of eta")
+    p.add_argument("--identifier", choices=IDENTIFIERS, default="gaussian",
+                   help="gaussian: z = g(eta, x_t, t), the paper's (default) | categorical: K learned codes "
+                        "with x_t-dependent weights, trained on the exact mixture likelihood")
+    p.add_argument("--num-components", type=_positive_int, default=64, help="K of --identifier categorical")
     p.add_argument("--bound", choices=BOUNDS, default=None, help="training bound (default: the library's)")
     p.add_argument("--temperature", type=_positive_float, default=1.0)
     p.add_argument("--ema-decay", type=float, default=0.995)
@@ -171,6 +175,7 @@ def _config_from_args(args, smd: bool):
         num_steps=args.num_steps, schedule=args.schedule, prediction_type=args.prediction_type,
         smd=smd, latent_dim=args.latent_dim, hyper_layers=args.hyper_layers, inject=inject,
         num_samples=args.num_samples, bound=args.bound, temperature=args.temperature,
+        identifier=args.identifier, num_components=args.num_components,
         ema_decay=args.ema_decay, seed=args.seed, hidden=args.hidden, layers=args.layers,
         fourier=args.fourier,
         num_data=args.num_data, image_size=args.image_size, channels=args.channels, device=args.device,

@@ -20,6 +20,12 @@ SMD latent noise ``eta`` and reduces them with ``softmix.ops.mc_loss``:
 
 with ``e_m = mean (pred_m - target)^2``. A plain denoiser is evaluated once (``M = 1``): the
 ordinary "simple" DDPM loss.
+
+An ``SMD`` model with a categorical identifier (``SMD(..., identifier="categorical")``) is a
+finite mixture with weights ``pi_k(x_t, t)``: its ``K`` components are enumerated instead of
+sampled, and the bounds take the weights: ``"posterior"`` is the exact mixture likelihood
+``-(T / k_t) log sum_k pi_k exp(-k_t w e_k / T)``, ``"logmeanexp"`` the same with ``k_t = 1``,
+``"jensen"`` ``w sum_k pi_k e_k`` (``categorical_bound``).
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ from softmix import ops
 from softmix.schedule import NoiseSchedule
 from softmix.wrap import _unwrap, is_smd, model_output_tensor
 
-__all__ = ["training_loss", "step_precision", "DEFAULT_BOUND", "DEFAULT_NUM_SAMPLES", "BOUNDS",
-           "DEFAULT_MIN_VARIANCE"]
+__all__ = ["training_loss", "step_precision", "categorical_bound", "DEFAULT_BOUND", "DEFAULT_NUM_SAMPLES",
+           "BOUNDS", "DEFAULT_MIN_VARIANCE"]
 
 BOUNDS = ("jensen", "logmeanexp", "posterior")
 # The posterior variance of the last step (x_1 -> x_0) is 0; the "posterior" bound floors the
@@ -148,7 +154,8 @@ def training_loss(
         schedule: the noise schedule.
         x0: ``(B, F)`` or ``(B, C, *S)`` clean data.
         num_samples: ``M``, samples of ``eta`` per example (SMD only); default
-            ``DEFAULT_NUM_SAMPLES``.
+            ``DEFAULT_NUM_SAMPLES`` (a categorical identifier enumerates its ``K`` components:
+            ``None`` or ``K``).
         bound: ``"jensen"``, ``"logmeanexp"`` or ``"posterior"``; default ``DEFAULT_BOUND``.
         temperature: ``T`` of the ``"logmeanexp"`` and ``"posterior"`` bounds.
         prediction_type: what the model predicts: ``epsilon`` | ``v_prediction`` | ``sample``.
@@ -173,7 +180,15 @@ def training_loss(
     t, x_t, target = noised_batch(schedule, x0, prediction_type, t, noise, generator)
 
     smd = _unwrap(model) if is_smd(model) else None
-    if smd is not None:
+    if smd is not None and smd.categorical:
+        num = smd.identifier.num_components
+        if num_samples is not None and int(num_samples) != num:
+            raise ValueError(f"a categorical identifier enumerates its K = {num} components: "
+                             f"num_samples must be None or {num}, got {num_samples}")
+        if eta is not None:
+            raise ValueError("a categorical identifier enumerates its components: pass no eta")
+        pred = model_output_tensor(model(x_t, t, components=True, **model_kwargs)).reshape(num, *x0.shape)
+    elif smd is not None:
         m = DEFAULT_NUM_SAMPLES if num_samples is None else int(num_samples)
         if m < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -197,12 +212,46 @@ def training_loss(
         w = torch.as_tensor(weight(t), device=device, dtype=w_dtype).reshape(b)
     else:
         w = torch.as_tensor(weight, device=device, dtype=w_dtype).reshape(b)
+    k = None
     if bound == "posterior":
+        k = step_precision(schedule, t, x0[0].numel(), prediction_type, min_variance).to(device, w_dtype)
+    if smd is not None and smd.categorical:
+        per_example = categorical_bound(pred, target, smd.last_log_weights.T, w, bound, temperature, k)
+    elif bound == "posterior":
         # -(T / k) log mean exp(-k w e / T) = mc_loss(weight = k w) / k
-        features = x0[0].numel()
-        k = step_precision(schedule, t, features, prediction_type, min_variance).to(device, w_dtype)
         per_example = ops.mc_loss(pred, target.to(pred.dtype), w * k, bound="logmeanexp", temperature=temperature) / k
     else:
         per_example = ops.mc_loss(pred, target.to(pred.dtype), w, bound=bound, temperature=temperature)
     return per_example.mean() if reduction == "mean" else per_example
+
+
+def categorical_bound(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    log_weights: torch.Tensor,
+    weight: torch.Tensor,
+    bound: str,
+    temperature: float = 1.0,
+    precision: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The bounds of a finite mixture with weights: ``(B,)``.
+
+    ``pred (K, B, *S)`` the ``K`` components' predictions, ``target (B, *S)``, ``log_weights
+    (K, B)`` ``log pi_k`` (normalised over ``k``), ``weight (B,)`` ``w``. With ``e_k = mean_S
+    (pred_k - target)^2``: ``"jensen"`` ``w sum_k pi_k e_k``; ``"logmeanexp"`` ``-T log sum_k
+    pi_k exp(-w e_k / T)``; ``"posterior"`` ``-(T / k) log sum_k pi_k exp(-k w e_k / T)`` with
+    ``precision`` ``k (B,)``. With equal weights these are ``ops.mc_loss``'s bounds (eager:
+    the fused op takes no weights yet).
+    """
+    e = (pred.float() - target.float()).square().flatten(2).mean(-1)  # (K, B)
+    w = weight.float()
+    if bound == "jensen":
+        return w * (log_weights.exp() * e).sum(0)
+    if bound == "logmeanexp":
+        k = torch.ones_like(w)
+    elif bound == "posterior" and precision is not None:
+        k = precision.float()
+    else:
+        raise ValueError(f"categorical_bound: unknown bound {bound!r} (or no precision for 'posterior')")
+    return -(temperature / k) * torch.logsumexp(log_weights - k * w * e / temperature, dim=0)
 

@@ -82,6 +82,7 @@ EMA_NAME = "ema.safetensors"
 STATE_NAME = "trainer_state.pt"
 CHECKPOINT_FILES = (MODEL_NAME, EMA_NAME, STATE_NAME, CONFIG_NAME)  # config.json last
 PRECISIONS = ("fp32", "bf16", "fp16")
+IDENTIFIERS = ("gaussian", "categorical")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -101,6 +102,8 @@ class TrainConfig:
     latent_dim: int = 16
     hyper_layers: int = 2
     inject: str = "output"  # before the last layer only: as good as "auto" on the toy at 1/4.5 the cost
+    identifier: str = "gaussian"  # gaussian (SMD's g(eta, x_t, t)) | categorical (softmix.categorical)
+    num_components: int = 64  # K of the categorical identifier
     num_samples: int | None = None  # None: the library default
     bound: str | None = None
     temperature: float = 1.0
@@ -140,6 +143,10 @@ class TrainConfig:
             raise ValueError(f"max_skips must be >= 0, got {self.max_skips}")
         if self.num_samples is not None and self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.identifier not in IDENTIFIERS:
+            raise ValueError(f"identifier must be one of {IDENTIFIERS}, got {self.identifier!r}")
+        if self.num_components < 1:
+            raise ValueError(f"num_components must be a positive integer, got {self.num_components}")
 
 
 class NonFiniteError(FloatingPointError):
@@ -168,7 +175,9 @@ def build_model(cfg: TrainConfig, sample_shape: tuple[int, ...]) -> nn.Module:
     backbone.gradient_checkpointing = bool(cfg.grad_checkpoint)
     if not cfg.smd:
         return backbone
-    model = SMD(backbone, latent_dim=cfg.latent_dim, hyper_layers=cfg.hyper_layers, inject=cfg.inject)
+    model = SMD(backbone, latent_dim=cfg.latent_dim, hyper_layers=cfg.hyper_layers, inject=cfg.inject,
+                identifier="categorical" if cfg.identifier == "categorical" else None,
+                num_components=cfg.num_components)
     if cfg.grad_checkpoint:
         # The recomputation runs in the backward pass, after SMD.forward has cleared the
         # latent its hooks read: a hook inside a recomputed block would modulate in the
@@ -295,7 +304,7 @@ class Trainer:
         t = self.schedule.sample_timesteps(n, device=self.device, generator=g)
         noise = torch.randn(x0.shape, generator=g, device=g.device, dtype=x0.dtype).to(self.device)
         eta = None
-        if isinstance(self.model, SMD):
+        if isinstance(self.model, SMD) and not self.model.categorical:  # categorical: enumerated, no eta
             eta = self.model.sample_eta(x0, g, num_samples=self.num_samples)
         if self.dist.distributed:
             lo, hi = self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch

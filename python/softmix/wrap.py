@@ -19,6 +19,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from softmix.categorical import CategoricalIdentifier
 from softmix.head import ConvIdentifier, MLPIdentifier, SMDHead
 
 __all__ = ["SMD", "find_injection_points", "model_output_tensor", "is_smd"]
@@ -169,11 +170,14 @@ class SMD(nn.Module):
             before the last conv / linear layer).
         identifier: ``g_xi``, a module called as ``identifier(eta, x_t, t) -> z`` of shape
             ``(B, D, *S)`` or ``(B, D)``; by default a small conv net for images, an MLP for
-            vectors.
+            vectors. ``"categorical"``: a ``CategoricalIdentifier`` with ``num_components``
+            codes, a finite mixture whose weights depend on ``x_t`` and ``t`` (trained on the
+            exact mixture likelihood; see ``softmix.categorical``).
         in_channels: channels (or features) of ``x_t``; found from the denoiser when left
             ``None`` (``config.in_channels``, ``channels``, ``in_channels``, or the first layer).
         noise_channels: channels (features) of ``eta``; default those of ``x_t``.
         identifier_hidden: width of the default identifier.
+        num_components: ``K`` of ``identifier="categorical"``.
     """
 
     def __init__(
@@ -182,10 +186,11 @@ class SMD(nn.Module):
         latent_dim: int = 32,
         hyper_layers: int = 2,
         inject: str | Sequence = "auto",
-        identifier: nn.Module | None = None,
+        identifier: nn.Module | str | None = None,
         in_channels: int | None = None,
         noise_channels: int | None = None,
         identifier_hidden: int | None = None,
+        num_components: int = 64,
     ):
         super().__init__()
         if isinstance(denoiser, SMD):
@@ -214,13 +219,22 @@ class SMD(nn.Module):
             in_channels = self._find_in_channels(denoiser, cands)
         self.in_channels_ = in_channels
         self.noise_channels = in_channels if noise_channels is None else noise_channels
-        self.custom_identifier = identifier is not None
-        if identifier is None:
+        kind = identifier if isinstance(identifier, str) else None
+        if kind is not None and kind != "categorical":
+            raise ValueError(f"SMD: unknown identifier {kind!r}; pass a module, None or 'categorical'")
+        self.custom_identifier = isinstance(identifier, nn.Module)
+        spatial = 0
+        if self._image:
+            conv_type = next(type(m) for _, m in cands)
+            spatial = next(v for k, v in spatial_dims.items() if issubclass(conv_type, k))
+        if kind == "categorical":
+            identifier = CategoricalIdentifier(in_channels, latent_dim, num_components, hidden=identifier_hidden or 128,
+                                               spatial_dims=spatial)
+            self.noise_channels = num_components
+        elif identifier is None:
             if self._image:
-                conv_type = next(type(m) for _, m in cands)
-                dims = next(v for k, v in spatial_dims.items() if issubclass(conv_type, k))
                 identifier = ConvIdentifier(
-                    in_channels, latent_dim, self.noise_channels, hidden=identifier_hidden or 32, spatial_dims=dims
+                    in_channels, latent_dim, self.noise_channels, hidden=identifier_hidden or 32, spatial_dims=spatial
                 )
             else:
                 identifier = MLPIdentifier(in_channels, latent_dim, self.noise_channels, hidden=identifier_hidden or 64)
@@ -234,6 +248,10 @@ class SMD(nn.Module):
             "identifier_hidden": identifier_hidden,
             "custom_identifier": self.custom_identifier,
         }
+        if kind == "categorical":
+            self.smd_config.update(identifier="categorical", num_components=num_components)
+        # log pi_k(x_t, t) (B, K) of the last forward(..., components=True): training_loss reads it
+        self.last_log_weights: torch.Tensor | None = None
         self._latent: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -284,8 +302,17 @@ class SMD(nn.Module):
         except AttributeError:
             raise AttributeError(f"neither SMD nor the wrapped {type(denoiser).__name__} has attribute {name!r}") from None
 
+    @property
+    def categorical(self) -> bool:
+        """Whether the identifier is a ``CategoricalIdentifier`` (a finite mixture with
+        ``x_t``-dependent weights, trained on its exact likelihood)."""
+        return isinstance(self.identifier, CategoricalIdentifier)
+
     def noise_shape(self, x_t: torch.Tensor) -> tuple[int, ...]:
-        """Shape of ``eta`` for a batch ``x_t``: ``(B, noise_channels, *S)``."""
+        """Shape of ``eta`` for a batch ``x_t``: ``(B, noise_channels, *S)`` (``(B, K)`` for
+        a categorical identifier)."""
+        if self.categorical:
+            return self.identifier.noise_shape(x_t)
         return (x_t.shape[0], self.noise_channels, *x_t.shape[2:])
 
     def sample_eta(self, x_t: torch.Tensor, generator: torch.Generator | None = None, num_samples: int = 1) -> torch.Tensor:
@@ -337,13 +364,20 @@ class SMD(nn.Module):
             ) from err
 
     # ------------------------------------------------------------------ forward
-    def forward(self, *args, eta: torch.Tensor | None = None, **kwargs):
+    def forward(self, *args, eta: torch.Tensor | None = None, components: bool = False, **kwargs):
         """``denoiser(*args, **kwargs)`` with the SMD modulation for latent noise ``eta``.
 
         ``eta``: ``(B, noise_channels, *S)``; drawn fresh from ``N(0, I)`` when ``None``.
         An ``eta`` of batch ``M * B`` evaluates ``M`` latent samples at once (see
         ``forward_samples``; called as ``model(x_t, t, eta=eta, **kwargs)``).
+
+        ``components=True`` (categorical identifier only): evaluate every one of the ``K``
+        components, an output of batch ``K * B`` (component-major), and keep their
+        log-weights ``(B, K)`` in ``last_log_weights``. Computing both inside ``forward``
+        keeps DDP and ``torch.compile`` wrappers in the loop.
         """
+        if components:
+            return self._forward_components(*args, **kwargs)
         x, t = self._split_inputs(args, kwargs)
         if eta is not None and eta.shape[0] != x.shape[0] and len(args) == 2:
             return self.forward_samples(args[0], args[1], eta, **kwargs)
@@ -351,20 +385,34 @@ class SMD(nn.Module):
         with self._with_latent(z):
             return self.denoiser(*args, **kwargs)
 
-    def forward_samples(self, x_t: torch.Tensor, t: torch.Tensor, eta: torch.Tensor, **kwargs):
+    def _forward_components(self, x_t: torch.Tensor, t: torch.Tensor, **kwargs):
+        if not self.categorical:
+            raise ValueError("SMD: components=True needs identifier='categorical' (a CategoricalIdentifier)")
+        t = self._batch_t(t, x_t)
+        self.last_log_weights = self.identifier.log_weights(x_t, t)
+        codes = self.identifier.component_latents()
+        z = codes.repeat_interleave(x_t.shape[0], dim=0)  # (K * B, D), component-major
+        return self.forward_samples(x_t, t, latent=z, **kwargs)
+
+    def forward_samples(self, x_t: torch.Tensor, t: torch.Tensor, eta: torch.Tensor | None = None,
+                        latent: torch.Tensor | None = None, **kwargs):
         """The denoiser's output for ``M = eta.shape[0] // B`` latent samples at once.
 
         Returns the denoiser's output with batch ``M * B`` (sample-major: ``m * B + b``).
         With output-only injection the backbone runs once on ``B`` examples and the head and
         last layer on ``M * B``; otherwise ``x_t``, ``t`` and every tensor keyword argument of
-        batch ``B`` are repeated ``M`` times and the denoiser runs on ``M * B``.
+        batch ``B`` are repeated ``M`` times and the denoiser runs on ``M * B``. ``latent``:
+        the ``M * B`` latents ``z`` themselves, in place of ``eta`` (the identifier is skipped).
         """
         b = x_t.shape[0]
-        m = eta.shape[0] // b
-        if m * b != eta.shape[0]:
-            raise ValueError(f"eta batch {eta.shape[0]} is not a multiple of x_t batch {b}")
+        given = eta if latent is None else latent
+        m = given.shape[0] // b
+        if m * b != given.shape[0]:
+            raise ValueError(f"{'eta' if latent is None else 'latent'} batch {given.shape[0]} is not a multiple of x_t batch {b}")
         t = self._batch_t(t, x_t)
-        if getattr(self.identifier, "supports_fanout", False):  # x_t / t parts computed once
+        if latent is not None:
+            z = latent
+        elif getattr(self.identifier, "supports_fanout", False):  # x_t / t parts computed once
             z = self.identifier(eta, x_t, t)
         else:
             z = self.identifier(eta, x_t.repeat(m, *([1] * (x_t.dim() - 1))), t.repeat(m))

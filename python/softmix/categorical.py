@@ -1,0 +1,103 @@
+"""A categorical identifier: an SMD mixture whose weights follow ``x_t`` (issue 4).
+
+SMD's default identifier maps Gaussian noise ``eta`` to the latent ``z``, so the mixture's
+weights are fixed by the prior of ``eta``: as ``x_t`` moves, the components must slide from one
+mode to the next and leave mass between them. ``CategoricalIdentifier`` makes ``z`` one of ``K``
+learned codes, picked with probabilities ``pi(x_t, t) = softmax(logits(x_t, t))``::
+
+    k = argmax_k (logits_k(x_t, t) + g_k),   g_k = -log(-log Phi(eta_k)),   z = codes[k]
+
+``g_k`` is standard Gumbel noise made from ``eta ~ N(0, I_K)`` (``Phi`` the normal CDF), so
+``k ~ Cat(pi)`` (the Gumbel-max trick) and the identifier is, as any SMD identifier, a
+deterministic map of ``(eta, x_t, t)``: ``softmix.sample`` runs it unchanged. Training
+enumerates the ``K`` components and uses the exact mixture likelihood of the step
+(``softmix.training_loss``; ``SMD.forward(..., components=True)``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from softmix.head import _CONV, timestep_embedding
+
+__all__ = ["CategoricalIdentifier"]
+
+
+class CategoricalIdentifier(nn.Module):
+    """``z = codes[k]``, ``k ~ Cat(softmax(logits(x_t, t)))`` drawn from ``eta`` by Gumbel-max.
+
+    ``x_t (B, F)`` or ``(B, C, *S)``, ``eta (M * B, K)``, ``t (B,)`` -> ``z (M * B, latent_dim)``
+    (one latent per example, broadcast over positions by the head).
+
+    Args:
+        in_channels: features of vector ``x_t``, channels of image ``x_t``.
+        latent_dim: ``D``, size of each code.
+        num_components: ``K``, the number of mixture components (codes).
+        hidden: width of the network that computes the logits.
+        spatial_dims: ``0`` for vectors (an MLP); ``1``, ``2`` or ``3`` for images (two 3x3
+            convolutions, averaged over positions).
+        time_dim: size of the sinusoidal time embedding.
+    """
+
+    supports_fanout = True  # eta may hold M samples per example of x_t: (M * B, K)
+
+    def __init__(
+        self,
+        in_channels: int,
+        latent_dim: int,
+        num_components: int = 64,
+        hidden: int = 128,
+        spatial_dims: int = 0,
+        time_dim: int = 32,
+    ):
+        super().__init__()
+        if num_components < 1:
+            raise ValueError(f"num_components must be >= 1, got {num_components}")
+        if spatial_dims not in (0, *_CONV):
+            raise ValueError(f"spatial_dims must be 0 (vectors) or 1..3 (images), got {spatial_dims}")
+        self.num_components, self.time_dim, self.spatial_dims = num_components, time_dim, spatial_dims
+        if spatial_dims == 0:
+            self.features = nn.Linear(in_channels, hidden)
+        else:
+            conv = _CONV[spatial_dims]
+            self.features = nn.Sequential(conv(in_channels, hidden, 3, padding=1), nn.SiLU(),
+                                          conv(hidden, hidden, 3, padding=1, stride=2))
+        self.time = nn.Linear(time_dim, hidden)
+        self.logits_net = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, num_components))
+        self.codes = nn.Embedding(num_components, latent_dim)
+
+    def noise_shape(self, x_t: torch.Tensor) -> tuple[int, int]:
+        """Shape of ``eta`` for a batch ``x_t``: ``(B, K)``, one Gumbel variate per component."""
+        return (x_t.shape[0], self.num_components)
+
+    def logits(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Unnormalised log-weights ``(B, K)`` of the components at ``(x_t, t)``."""
+        h = self.features(x_t if self.spatial_dims else x_t.flatten(1))
+        if self.spatial_dims:
+            h = h.flatten(2).mean(-1)  # (B, hidden): the weights are one per example
+        return self.logits_net(h + self.time(timestep_embedding(t, self.time_dim).to(h.dtype)))
+
+    def log_weights(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``log pi_k(x_t, t)``: ``(B, K)``, normalised over ``k``."""
+        return torch.log_softmax(self.logits(x_t, t).float(), dim=-1)
+
+    def component_latents(self) -> torch.Tensor:
+        """The ``K`` codes ``(K, D)``: the latent of each component."""
+        return self.codes.weight
+
+    def choose(self, eta: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The component index ``k (M * B,)`` that ``eta (M * B, K)`` picks at ``(x_t, t)``."""
+        b = x_t.shape[0]
+        if eta.dim() != 2 or eta.shape[1] != self.num_components or eta.shape[0] % b:
+            raise ValueError(
+                f"CategoricalIdentifier: eta must be (M * B, K) = (M * {b}, {self.num_components}), got {tuple(eta.shape)}"
+            )
+        m = eta.shape[0] // b
+        # float64: -log(-log Phi(eta)) keeps its tails (Phi(eta) rounds to 1 in float32 for eta > 5.4)
+        gumbel = -torch.log(-torch.special.log_ndtr(eta.double()))
+        return (self.logits(x_t, t).double().repeat(m, 1) + gumbel).argmax(-1)
+
+    def forward(self, eta: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.codes(self.choose(eta, x_t, t))

@@ -1,0 +1,199 @@
+"""The categorical identifier: Gumbel-max draws, the exact mixture bound, the enumeration of
+components through SMD, sampling, checkpoints, and that it learns a bimodal step."""
+
+import math
+
+import pytest
+import torch
+
+import softmix
+from softmix import SMD, CategoricalIdentifier, NoiseSchedule
+from softmix.loss import categorical_bound, step_precision
+from softmix.nets import ConvDenoiser, MLPDenoiser
+
+
+def _categorical_model(k=3, features=2, seed=0):
+    torch.manual_seed(seed)
+    model = SMD(MLPDenoiser(features, hidden=16, layers=1, fourier=0), latent_dim=4, inject="output",
+                identifier="categorical", num_components=k, identifier_hidden=16)
+    torch.nn.init.normal_(model.heads[0].w_out.weight)  # components differ from the start
+    return model
+
+
+def _forcing_eta(k: int, num: int, b: int) -> torch.Tensor:
+    """``eta (B, K)`` whose Gumbel noise (+35 at ``k``, -3.6 elsewhere) outweighs any logits here."""
+    eta = torch.full((b, num), -8.0, dtype=torch.float64)
+    eta[:, k] = 8.0
+    return eta
+
+
+def test_gumbel_max_draws_follow_the_softmax_of_the_logits():
+    torch.manual_seed(1)
+    ident = CategoricalIdentifier(3, latent_dim=2, num_components=5, hidden=8)
+    torch.nn.init.normal_(ident.logits_net[-1].weight, std=1.0)
+    x_t, t = torch.randn(1, 3), torch.tensor([7])
+    n = 200_000
+    k = ident.choose(torch.randn(n, 5), x_t, t)
+    freq = torch.bincount(k, minlength=5).double() / n
+    p = torch.softmax(ident.logits(x_t, t).double(), -1)[0]
+    assert p.min() > 0.02 and p.max() < 0.9  # a non-trivial distribution to test against
+    sigma = (p * (1 - p) / n).sqrt()
+    assert ((freq - p).abs() < 5 * sigma).all(), (freq, p)
+    # and z is the chosen code
+    eta = torch.randn(4, 5)
+    torch.testing.assert_close(ident(eta, x_t, t), ident.codes.weight[ident.choose(eta, x_t, t)])
+
+
+@pytest.mark.parametrize("bound", ["posterior", "logmeanexp", "jensen"])
+def test_loss_is_the_exact_mixture_bound_in_float64(bound):
+    k_num, b = 3, 6
+    model = _categorical_model(k_num)
+    s = NoiseSchedule(10)
+    x0, noise = torch.randn(b, 2), torch.randn(b, 2)
+    t = torch.randint(0, 10, (b,))
+    w, temp = torch.rand(b) + 0.5, 0.7
+    loss = softmix.training_loss(model, s, x0, bound=bound, temperature=temp, t=t, noise=noise, weight=w,
+                                 reduction="none")
+
+    # reference: each component through the sampling path (Gumbel-forced eta), in float64
+    ref_model = model.double()
+    x_t = s.add_noise(x0.double(), noise.double(), t)
+    with torch.no_grad():
+        e = torch.stack([(ref_model(x_t, t, eta=_forcing_eta(k, k_num, b)) - noise.double()).square().mean(-1)
+                         for k in range(k_num)])  # (K, B)
+        log_pi = torch.log_softmax(ref_model.identifier.logits(x_t, t), -1).T
+    wd = w.double()
+    if bound == "jensen":
+        expected = wd * (log_pi.exp() * e).sum(0)
+    else:
+        prec = step_precision(s, t, 2, "epsilon") if bound == "posterior" else torch.ones(b, dtype=torch.float64)
+        expected = -(temp / prec) * torch.log((log_pi.exp() * torch.exp(-prec * wd * e / temp)).sum(0))
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-4, atol=1e-6)
+
+
+def test_equal_weights_give_the_fused_mc_loss():
+    torch.manual_seed(2)
+    k_num, b = 4, 5
+    pred, target = torch.randn(k_num, b, 3), torch.randn(b, 3)
+    w = torch.rand(b) + 0.5
+    log_pi = torch.full((k_num, b), -math.log(k_num))
+    for bound in ("jensen", "logmeanexp"):
+        torch.testing.assert_close(categorical_bound(pred, target, log_pi, w, bound, 0.5),
+                                   softmix.ops.mc_loss(pred, target, w, bound=bound, temperature=0.5))
+
+
+def test_gradients_reach_the_codes_the_logits_and_the_backbone():
+    model = _categorical_model(4)
+    s = NoiseSchedule(4)
+    loss = softmix.training_loss(model, s, torch.randn(32, 2), generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    ident = model.identifier
+    for name, p in [("codes", ident.codes.weight), ("logits", ident.logits_net[-1].weight),
+                    ("backbone", model.denoiser.net[0].weight if hasattr(model.denoiser, "net") else next(model.denoiser.parameters()))]:
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_bad_arguments_name_the_problem():
+    model = _categorical_model(3)
+    s = NoiseSchedule(4)
+    x0 = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="num_samples must be None or 3"):
+        softmix.training_loss(model, s, x0, num_samples=16)
+    with pytest.raises(ValueError, match="pass no eta"):
+        softmix.training_loss(model, s, x0, eta=torch.randn(12, 3))
+    with pytest.raises(ValueError, match=r"eta must be \(M \* B, K\)"):
+        model(x0, torch.zeros(4, dtype=torch.long), eta=torch.randn(4, 2))
+    with pytest.raises(ValueError, match="unknown identifier"):
+        SMD(MLPDenoiser(2, hidden=8, layers=1), identifier="gumbel")
+    with pytest.raises(ValueError, match="components=True needs"):
+        SMD(MLPDenoiser(2, hidden=8, layers=1))(x0, torch.zeros(4, dtype=torch.long), components=True)
+    with pytest.raises(ValueError, match="num_components must be >= 1"):
+        CategoricalIdentifier(2, 4, num_components=0)
+    with pytest.raises(ValueError, match="unknown bound"):
+        categorical_bound(torch.randn(2, 3, 1), torch.randn(3, 1), torch.zeros(2, 3), torch.ones(3), "elbo")
+
+
+def test_sampling_is_reproducible_and_checkpoints_round_trip(tmp_path):
+    model = _categorical_model(5)
+    s = NoiseSchedule(6)
+    x = softmix.sample(model, s, (64, 2), steps=6, generator=torch.Generator().manual_seed(3), progress=False)
+    y = softmix.sample(model, s, (64, 2), steps=6, generator=torch.Generator().manual_seed(3), progress=False)
+    assert x.shape == (64, 2) and torch.isfinite(x).all()
+    torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert model.sample_eta(x).shape == (64, 5)
+
+    model.save_pretrained(tmp_path / "cat")
+    loaded = SMD.from_pretrained(tmp_path / "cat", denoiser=MLPDenoiser(2, hidden=16, layers=1, fourier=0))
+    assert loaded.categorical and loaded.identifier.num_components == 5
+    x_t, t, eta = torch.randn(8, 2), torch.randint(0, 6, (8,)), torch.randn(8, 5)
+    torch.testing.assert_close(loaded(x_t, t, eta=eta), model(x_t, t, eta=eta))
+
+
+def test_images_one_latent_per_example():
+    torch.manual_seed(0)
+    model = SMD(ConvDenoiser(1, hidden=8, blocks=1, groups=4), latent_dim=4, identifier="categorical",
+                num_components=3, identifier_hidden=8)
+    for head in model.heads:  # W_out starts at zero: no gradient would reach the codes in the first step
+        torch.nn.init.normal_(head.w_out.weight)
+    s = NoiseSchedule(4)
+    x0 = torch.randn(5, 1, 8, 8)
+    loss = softmix.training_loss(model, s, x0, generator=torch.Generator().manual_seed(0), reduction="none")
+    assert loss.shape == (5,) and torch.isfinite(loss).all()
+    loss.mean().backward()
+    assert model.identifier.codes.weight.grad.abs().sum() > 0
+    x = softmix.sample(model, s, (3, 1, 8, 8), steps=4, generator=torch.Generator().manual_seed(0), progress=False)
+    assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
+
+
+def test_learns_a_bimodal_last_step_that_the_plain_model_cannot():
+    """Data on {-1, +1}, two steps, x0 prediction: q(x_0 | x_1) is two points, which the
+    plain model's one Gaussian averages and the two-component mixture represents."""
+    s = NoiseSchedule(2)
+    results = {}
+    for name in ("plain", "categorical"):
+        torch.manual_seed(0)
+        net = MLPDenoiser(1, hidden=32, layers=2, fourier=0)
+        model = net if name == "plain" else SMD(net, latent_dim=4, inject="output", identifier="categorical",
+                                                num_components=2, identifier_hidden=32)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(400):
+            x0 = torch.randint(0, 2, (128, 1), generator=g).float() * 2 - 1
+            loss = softmix.training_loss(model, s, x0, prediction_type="sample", generator=g)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        x = softmix.sample(model, s, (2000, 1), steps=2, prediction_type="sample",
+                           generator=torch.Generator().manual_seed(2), progress=False)
+        results[name] = ((x.abs() - 1).abs() < 0.1).double().mean().item()
+    assert results["categorical"] > 0.9, results
+    assert results["plain"] < 0.6, results
+
+
+def test_compiled_loss_matches_eager():
+    model = _categorical_model(4)
+    s = NoiseSchedule(10)
+    x0, t, noise = torch.randn(8, 2), torch.randint(0, 10, (8,)), torch.randn(8, 2)
+    eager = softmix.training_loss(model, s, x0, t=t, noise=noise, reduction="none")
+    compiled = softmix.training_loss(torch.compile(model), s, x0, t=t, noise=noise, reduction="none")
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_trains_samples_and_resumes_a_categorical_model(tmp_path):
+    from softmix.cli import main
+    from softmix.train import load_trained
+
+    tiny = ["--iters", "10", "--batch-size", "32", "--num-steps", "4", "--hidden", "16", "--layers", "1",
+            "--latent-dim", "4", "--num-data", "256", "--no-progress"]
+    out = tmp_path / "run"
+    assert main(["train", "--data", "gmm", "--identifier", "categorical", "--num-components", "6", "--out", str(out),
+                 *tiny]) == 0
+    model, schedule, cfg, shape = load_trained(out)
+    assert model.categorical and model.identifier.num_components == 6 and cfg.identifier == "categorical"
+    assert main(["sample", "--checkpoint", str(out), "--num", "32", "--steps", "4", "--out", str(tmp_path / "s.pt"),
+                 "--no-progress"]) == 0
+    x = torch.load(tmp_path / "s.pt")
+    assert x.shape == (32, 2) and torch.isfinite(x).all()
+    assert main(["train", "--data", "gmm", "--identifier", "categorical", "--num-components", "6", "--out", str(out),
+                 "--resume", *tiny[:1], "20", *tiny[2:]]) == 0
+    assert load_trained(out)[0].identifier.num_components == 6
