@@ -93,6 +93,21 @@ def test_gradients_reach_the_codes_the_logits_and_the_backbone():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_copies_after_a_forward_hold_no_graph():
+    import copy
+    import pickle
+
+    model = _categorical_model(3)
+    x_t, t = torch.randn(4, 2), torch.zeros(4, dtype=torch.long)
+    model(x_t, t, components=True)
+    assert model.last_log_weights.grad_fn is not None
+    twin = copy.deepcopy(model)  # an EMA copy taken between a forward and the loss
+    assert twin.last_log_weights is None
+    assert pickle.loads(pickle.dumps(model)).last_log_weights is None
+    softmix.training_loss(model, NoiseSchedule(4), torch.randn(4, 2))
+    assert model.last_log_weights is None  # the loss takes the log-weights
+
+
 def test_bad_arguments_name_the_problem():
     model = _categorical_model(3)
     s = NoiseSchedule(4)

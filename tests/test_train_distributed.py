@@ -29,11 +29,13 @@ def _assert_same_function(a, b, shape):
         torch.testing.assert_close(a.eval()(x, t, eta=eta), b.eval()(x, t, eta=eta), rtol=1e-4, atol=1e-5)
 
 
-def test_torchrun_two_processes_follow_one_process(tmp_path):
+@pytest.mark.parametrize("identifier", ["gaussian", "categorical"])
+def test_torchrun_two_processes_follow_one_process(tmp_path, identifier):
     ddp, one = tmp_path / "ddp", tmp_path / "one"
-    proc = torchrun_train(ddp, 2, "--iters", "20", "--save-every", "10")
+    args = ("--iters", "20", "--save-every", "10", "--identifier", identifier, "--num-components", "4")
+    proc = torchrun_train(ddp, 2, *args)
     assert proc.stdout.count("trained SMD model for 20 steps on 2 processes") == 1, proc.stdout  # rank 0 only
-    softmix_train(one, "--iters", "20", "--save-every", "10")
+    softmix_train(one, *args)
     for path in (ddp, one):
         assert sorted(os.listdir(path / "checkpoints")) == ["step-000010", "step-000020"]
         model, schedule, cfg, shape = load_trained(path)

@@ -216,7 +216,8 @@ def training_loss(
     if bound == "posterior":
         k = step_precision(schedule, t, x0[0].numel(), prediction_type, min_variance).to(device, w_dtype)
     if smd is not None and smd.categorical:
-        per_example = categorical_bound(pred, target, smd.last_log_weights.T, w, bound, temperature, k)
+        log_weights, smd.last_log_weights = smd.last_log_weights, None  # taken, so the model holds no graph
+        per_example = categorical_bound(pred, target, log_weights.T, w, bound, temperature, k)
     elif bound == "posterior":
         # -(T / k) log mean exp(-k w e / T) = mc_loss(weight = k w) / k
         per_example = ops.mc_loss(pred, target.to(pred.dtype), w * k, bound="logmeanexp", temperature=temperature) / k

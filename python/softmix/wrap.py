@@ -302,6 +302,13 @@ class SMD(nn.Module):
         except AttributeError:
             raise AttributeError(f"neither SMD nor the wrapped {type(denoiser).__name__} has attribute {name!r}") from None
 
+    def __getstate__(self):
+        # copies (EMA, deepcopy, pickle) leave out the last forward's log-weights: a non-leaf
+        # tensor in an autograd graph, which deepcopy refuses
+        state = dict(super().__getstate__())
+        state["last_log_weights"] = None
+        return state
+
     @property
     def categorical(self) -> bool:
         """Whether the identifier is a ``CategoricalIdentifier`` (a finite mixture with
