@@ -61,9 +61,11 @@ DEFAULT_MIN_VARIANCE = 1e-3
 #   9.0 / 12.4 ms per step with output-only injection (the backbone runs once for all M).
 # Neither bound raises the share of samples within 3 std of a mode at T = 4 (about 29% for
 # SMD and the plain model): see the results page. At T = 50 "posterior" is worse than the
-# plain model (high-quality share 43% vs 63%, 3 seeds): it helps at T <= 10. An identifier with
-# x_t-dependent (categorical) mixture weights and x0 prediction reaches 94% at T = 4 (but
-# not at T = 10 or 50); it is measured in benchmarks/quality/ and not part of the library.
+# plain model (high-quality share 43% vs 63%, 3 seeds): it helps at T <= 10. The categorical
+# identifier (SMD(identifier="categorical"), softmix.categorical), trained on its exact mixture
+# bound with x0 prediction, puts 95% of the samples on the modes at T = 4 (3 seeds), but not at
+# T = 10 or 50, needs K of about the number of modes and x0 prediction, which SMD cannot know
+# of: an option for few steps, not the default.
 DEFAULT_BOUND = "posterior"
 DEFAULT_NUM_SAMPLES = 16
 
