@@ -16,7 +16,8 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
   components, the exact mixture likelihood at the ``posterior`` sharpness); ``addz`` (1: the head also adds ``B z`` to the
   features, ``h + W_out y + B z``, so components may differ by a constant, not only by a
   modulation of ``h``); ``catlast`` (1: the mixture likelihood only on the last step, ``t = 0``;
-  on the others every component regresses the posterior mean, as the plain loss);
+  on the others every component regresses the posterior mean, as the plain loss); ``winit``
+  (std of the heads' ``W_out`` at init; 0, the library's default, makes a fresh SMD the plain model);
 - ``hidden``, ``layers``, ``ff``, ``ffs`` (backbone; Fourier features and their scale), ``bs`` (batch size), ``lr``, ``method`` (sampler: ``ddpm`` | ``ddim``),
   ``pred`` (what the model predicts: ``epsilon`` | ``sample`` | ``v_prediction`` | ``mixed``:
   ``x0`` on the last step, ``t = 0``, and ``eps`` on the others; for ``plain`` and ``cat``).
@@ -66,6 +67,7 @@ class Variant:
     cat: int = 0  # > 0: categorical identifier with K learned, x_t-dependent weights (exploration)
     addz: bool = False  # the head adds B z to the features (exploration)
     catlast: bool = False  # cat: the mixture likelihood on the last step only (exploration)
+    winit: float = 0.0  # std of the heads' W_out at init (0: the library's zero init)
     hidden: int = 128
     layers: int = 3
     ff: int = 64  # random Fourier features of the input (MLPDenoiser(fourier=...)); 0: none
@@ -93,7 +95,7 @@ class Variant:
                 out[k] = v not in ("0", "false", "False", "")
             elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim", "discrete", "cat"):
                 out[k] = int(v)
-            elif k in ("temp", "minvar", "lr", "klw", "ffs"):
+            elif k in ("temp", "minvar", "lr", "klw", "ffs", "winit"):
                 out[k] = float(v)
             else:
                 out[k] = v
@@ -117,6 +119,9 @@ def build_model(v: Variant, sample_shape: tuple[int, ...]) -> nn.Module:
     if v.addz:
         for head in model.heads:
             add_latent_bias(head)
+    if v.winit:  # exploration: components differ from the first step (no symmetry to break)
+        for head in model.heads:
+            nn.init.normal_(head.w_out.weight, std=v.winit)
     if v.discrete:  # exploration: a finite mixture of K components, eta = one-hot code
         def one_hot_eta(x_t, generator=None, num_samples=1, _k=v.discrete):
             b = x_t.shape[0]

@@ -17,7 +17,6 @@ enumerates the ``K`` components and uses the exact mixture likelihood of the ste
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from softmix.head import _CONV, timestep_embedding

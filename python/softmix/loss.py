@@ -257,4 +257,3 @@ def categorical_bound(
     else:
         raise ValueError(f"categorical_bound: unknown bound {bound!r} (or no precision for 'posterior')")
     return -(temperature / k) * torch.logsumexp(log_weights - k * w * e / temperature, dim=0)
-

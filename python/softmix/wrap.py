@@ -12,9 +12,8 @@ forwarded to the denoiser, so ``DDPMPipeline(unet=SMD(unet), ...)`` and
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
