@@ -18,6 +18,7 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
   modulation of ``h``); ``catlast`` (1: the mixture likelihood only on the last step, ``t = 0``;
   on the others every component regresses the posterior mean, as the plain loss); ``winit``
   (std of the heads' ``W_out`` at init; 0, the library's default, makes a fresh SMD the plain model);
+  ``t0frac`` (this share of every batch trained at the last step, ``t = 0``);
 - ``hidden``, ``layers``, ``ff``, ``ffs`` (backbone; Fourier features and their scale), ``bs`` (batch size), ``lr``, ``method`` (sampler: ``ddpm`` | ``ddim``),
   ``pred`` (what the model predicts: ``epsilon`` | ``sample`` | ``v_prediction`` | ``mixed``:
   ``x0`` on the last step, ``t = 0``, and ``eps`` on the others; for ``plain`` and ``cat``).
@@ -68,6 +69,7 @@ class Variant:
     addz: bool = False  # the head adds B z to the features (exploration)
     catlast: bool = False  # cat: the mixture likelihood on the last step only (exploration)
     winit: float = 0.0  # std of the heads' W_out at init (0: the library's zero init)
+    t0frac: float = 0.0  # > 0: this share of each batch at t = 0, the rest uniform (exploration)
     hidden: int = 128
     layers: int = 3
     ff: int = 64  # random Fourier features of the input (MLPDenoiser(fourier=...)); 0: none
@@ -95,7 +97,7 @@ class Variant:
                 out[k] = v not in ("0", "false", "False", "")
             elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim", "discrete", "cat"):
                 out[k] = int(v)
-            elif k in ("temp", "minvar", "lr", "klw", "ffs", "winit"):
+            elif k in ("temp", "minvar", "lr", "klw", "ffs", "winit", "t0frac"):
                 out[k] = float(v)
             else:
                 out[k] = v
@@ -254,6 +256,9 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
                 raise ValueError(f"{v.name}: pred=mixed is implemented for plain and cat variants only")
             loss = mixed_plain_loss(model, schedule, x0, gen)
         else:
+            if v.t0frac:
+                t = schedule.sample_timesteps(x0.shape[0], generator=gen)
+                kw["t"] = torch.where(torch.rand(x0.shape[0], generator=gen) < v.t0frac, 0, t)
             loss = softmix.training_loss(model, schedule, x0, generator=gen, **kw)
         opt.zero_grad(set_to_none=True)
         loss.backward()

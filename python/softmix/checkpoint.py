@@ -203,6 +203,7 @@ def load_smd(
     map_location: str | torch.device = "cpu",
 ):
     """Rebuild an ``SMD`` saved by ``save_smd`` and load its weights."""
+    from softmix.categorical import DEFAULT_NUM_COMPONENTS
     from softmix.wrap import SMD
 
     path = Path(path)
@@ -227,7 +228,7 @@ def load_smd(
         in_channels=smd["in_channels"],
         noise_channels=smd["noise_channels"],
         identifier_hidden=smd.get("identifier_hidden"),
-        num_components=smd.get("num_components", 64),
+        num_components=smd.get("num_components", DEFAULT_NUM_COMPONENTS),
     )
     state = load_tensors(path / WEIGHTS_NAME, map_location=map_location)
     load_state_into(model, state, str(path / WEIGHTS_NAME))

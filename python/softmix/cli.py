@@ -53,6 +53,7 @@ def _steps_list(text: str) -> list[int]:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from softmix.categorical import DEFAULT_NUM_COMPONENTS
     from softmix.loss import BOUNDS
     from softmix.schedule import PREDICTION_TYPES, SCHEDULE_KINDS
     from softmix.train import IDENTIFIERS, PRECISIONS
@@ -75,7 +76,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--identifier", choices=IDENTIFIERS, default="gaussian",
                    help="gaussian: z = g(eta, x_t, t), the paper's (default) | categorical: K learned codes "
                         "with x_t-dependent weights, trained on the exact mixture likelihood")
-    p.add_argument("--num-components", type=_positive_int, default=64, help="K of --identifier categorical")
+    p.add_argument("--num-components", type=_positive_int, default=DEFAULT_NUM_COMPONENTS,
+                   help=f"K of --identifier categorical (default {DEFAULT_NUM_COMPONENTS}; at least about the number of modes)")
     p.add_argument("--bound", choices=BOUNDS, default=None, help="training bound (default: the library's)")
     p.add_argument("--temperature", type=_positive_float, default=1.0)
     p.add_argument("--ema-decay", type=float, default=0.995)

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from softmix import distributed as dist_utils
+from softmix.categorical import DEFAULT_NUM_COMPONENTS
 from softmix.checkpoint import (
     CHECKPOINTS_DIR,
     CheckpointError,
@@ -103,7 +104,7 @@ class TrainConfig:
     hyper_layers: int = 2
     inject: str = "output"  # before the last layer only: as good as "auto" on the toy at 1/4.5 the cost
     identifier: str = "gaussian"  # gaussian (SMD's g(eta, x_t, t)) | categorical (softmix.categorical)
-    num_components: int = 64  # K of the categorical identifier
+    num_components: int = DEFAULT_NUM_COMPONENTS  # K of the categorical identifier
     num_samples: int | None = None  # None: the library default
     bound: str | None = None
     temperature: float = 1.0

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from softmix.categorical import CategoricalIdentifier
+from softmix.categorical import DEFAULT_NUM_COMPONENTS, CategoricalIdentifier
 from softmix.head import ConvIdentifier, MLPIdentifier, SMDHead
 
 __all__ = ["SMD", "find_injection_points", "model_output_tensor", "is_smd"]
@@ -189,7 +189,7 @@ class SMD(nn.Module):
         in_channels: int | None = None,
         noise_channels: int | None = None,
         identifier_hidden: int | None = None,
-        num_components: int = 64,
+        num_components: int = DEFAULT_NUM_COMPONENTS,
     ):
         super().__init__()
         if isinstance(denoiser, SMD):
