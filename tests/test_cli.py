@@ -50,6 +50,21 @@ def test_train_writes_a_checkpoint_that_samples(tmp_path, capsys):
            "no checkpoint")
 
 
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+def test_sample_uses_the_prediction_type_the_model_was_trained_with(tmp_path, prediction_type):
+    import softmix
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", "gmm", "--prediction-type", prediction_type, "--out", str(out), *TINY]) == 0
+    assert main(["sample", "--checkpoint", str(out), "--num", "64", "--steps", "5", "--seed", "3",
+                 "--out", str(tmp_path / "s.pt"), "--no-progress"]) == 0
+    model, schedule, cfg, _ = load_trained(out)
+    g = torch.Generator().manual_seed(3)
+    expected = softmix.sample(model, schedule, (64, 2), steps=5, generator=g, prediction_type=prediction_type,
+                              progress=False)
+    torch.testing.assert_close(torch.load(tmp_path / "s.pt"), expected)
+
+
 def test_resume_continues_the_step_counter(tmp_path):
     out = tmp_path / "run"
     main(["train", "--data", "gmm-ring", "--plain", "--out", str(out), *TINY])

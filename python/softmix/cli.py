@@ -280,14 +280,14 @@ def _train(parser, args) -> int:
     return 0
 
 
-def _draw(model, schedule, shape, steps, method, seed, num, progress, clip_sample, device="cpu"):
+def _draw(model, schedule, shape, steps, method, seed, num, progress, clip_sample, prediction_type, device="cpu"):
     import torch
 
     from softmix.sampling import sample
 
     g = torch.Generator(device=device).manual_seed(seed)
     return sample(model, schedule, (num, *shape), steps=steps, method=method, generator=g,
-                  progress=progress, clip_sample=clip_sample, device=device)
+                  progress=progress, clip_sample=clip_sample, prediction_type=prediction_type, device=device)
 
 
 def cmd_sample(parser, args) -> int:
@@ -306,7 +306,7 @@ def cmd_sample(parser, args) -> int:
     if args.steps > schedule.num_steps:
         parser.error(f"--steps {args.steps} is larger than the model's schedule ({schedule.num_steps} steps)")
     x = _draw(model, schedule, shape, args.steps, args.method, args.seed, args.num, not args.no_progress,
-              args.clip_sample, args.device).cpu()
+              args.clip_sample, cfg.prediction_type, args.device).cpu()
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".pt":
         torch.save(x, out)
@@ -352,7 +352,7 @@ def cmd_compare(parser, args) -> int:
         shape = tuple(data.shape[1:])
         for steps in args.sample_steps:
             x = _draw(model, trainer.schedule, shape, steps, args.method, args.seed, args.num, progress,
-                      args.clip_sample, args.device).cpu()
+                      args.clip_sample, trainer.cfg.prediction_type, args.device).cpu()
             panels[(name, steps)] = x
             ref_gen = torch.Generator().manual_seed(args.seed + 12345)
             if mixture is not None:
