@@ -503,7 +503,12 @@ def bench_denoise_step(z: Sizes, dtype, device, args, results: Results) -> None:
         Variant("fused (softmix.ops)", "fwd", fwd(fused), fused=True, note="noise given"),
         Variant("fused, draws its noise (softmix.ops, noise=None)", "fwd",
                 lambda: ops.denoise_step(x_t, model_output, a_t, a_prev, None, **kw), fused=True,
-                note="includes torch.randn of the noise"),
+                note="the kernel draws the noise (Philox4x32-10 + Box-Muller, seeded from the default generator)"),
+        Variant("fused, given torch.randn noise", "fwd",
+                lambda: ops.denoise_step(x_t, model_output, a_t, a_prev,
+                                         torch.randn(x_t.shape, dtype=x_t.dtype, device=x_t.device), **kw),
+                baseline="fused, draws its noise (softmix.ops, noise=None)",
+                note="torch.randn, then the fused op: the cost of a separate noise tensor"),
         Variant("eager reference", "fwd", fwd(ref)),
     ]
     if args.compile:

@@ -128,8 +128,10 @@ math::PredictionType parse_prediction_type(std::string_view prediction_type) {
 DenoiseStepSizes check_denoise_step(const at::Tensor& x_t, const at::Tensor& model_output,
                                     const at::Tensor& alpha_bar_t, const at::Tensor& alpha_bar_prev,
                                     const std::optional<at::Tensor>& noise, double eta,
-                                    std::optional<double> clip_sample) {
+                                    std::optional<double> clip_sample, std::optional<int64_t> seed) {
   constexpr const char* op = "denoise_step";
+  TORCH_CHECK_VALUE(!(noise.has_value() && seed.has_value()), op,
+                    ": pass noise or seed (to draw the noise in the kernel), not both");
   check_same_device(op, {{"x_t", &x_t}, {"model_output", &model_output}, {"alpha_bar_t", &alpha_bar_t},
                          {"alpha_bar_prev", &alpha_bar_prev}});
   check_float(op, "x_t", x_t);

@@ -39,7 +39,7 @@ math::PredictionType parse_prediction_type(std::string_view prediction_type);
 DenoiseStepSizes check_denoise_step(const at::Tensor& x_t, const at::Tensor& model_output,
                                     const at::Tensor& alpha_bar_t, const at::Tensor& alpha_bar_prev,
                                     const std::optional<at::Tensor>& noise, double eta,
-                                    std::optional<double> clip_sample);
+                                    std::optional<double> clip_sample, std::optional<int64_t> seed);
 void check_denoise_step_grads(const at::Tensor& grad_x_prev, const at::Tensor& grad_x0, const at::Tensor& x_t);
 
 // The float dtype in which a kernel accumulates values of `dtype` (float for half types).

@@ -7,6 +7,15 @@
 #define SOFTMIX_HD inline
 #endif
 
+// A loop with a constant trip count unrolled whole: what lets an outer loop around it vectorise.
+#if defined(__CUDACC__)
+#define SOFTMIX_UNROLL _Pragma("unroll")
+#elif defined(__clang__)
+#define SOFTMIX_UNROLL _Pragma("unroll")
+#else
+#define SOFTMIX_UNROLL _Pragma("GCC unroll 16")
+#endif
+
 // Reductions over contiguous rows vectorise only if the compiler may reorder the sum;
 // `omp simd reduction` grants that for one loop (needs -fopenmp-simd, no OpenMP runtime).
 // `omp simd` alone asks for a loop whose body holds an inner loop or branches to be

@@ -21,9 +21,11 @@ TORCH_LIBRARY(softmix, m) {
   m.def(
       "mc_loss_backward(Tensor grad_loss, Tensor pred, Tensor target, Tensor weight, Tensor errors, str bound,"
       " float temperature, bool need_grad_target) -> (Tensor, Tensor, Tensor)");
+  // seed: the noise drawn in the kernel, a pure function of (seed, element index); see
+  // math/normal_noise.h. Without noise and seed the step has no noise (its mean).
   m.def(
       "denoise_step(Tensor x_t, Tensor model_output, Tensor alpha_bar_t, Tensor alpha_bar_prev, Tensor? noise=None,"
-      " float eta=1.0, str prediction_type=\"epsilon\", float? clip_sample=None) -> (Tensor, Tensor)");
+      " float eta=1.0, str prediction_type=\"epsilon\", float? clip_sample=None, int? seed=None) -> (Tensor, Tensor)");
   m.def(
       "denoise_step_backward(Tensor grad_x_prev, Tensor grad_x0, Tensor x_t, Tensor model_output,"
       " Tensor alpha_bar_t, Tensor alpha_bar_prev, float eta, str prediction_type, float? clip_sample,"

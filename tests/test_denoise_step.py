@@ -267,16 +267,6 @@ def test_the_last_step_returns_x0(rng, device):
         assert_close_to_reference(x_prev, x0, torch.float64, f"eta={eta}")
 
 
-def test_wrapper_draws_its_noise_from_the_generator(rng):
-    x, m, _, a_t, a_prev = draw(rng, 4, (6,))
-    first = ops.denoise_step(x, m, a_t, a_prev, generator=torch.Generator().manual_seed(3))[0]
-    again = ops.denoise_step(x, m, a_t, a_prev, generator=torch.Generator().manual_seed(3))[0]
-    other = ops.denoise_step(x, m, a_t, a_prev, generator=torch.Generator().manual_seed(4))[0]
-    drawn = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype)
-    assert torch.equal(first, again) and not torch.allclose(first[1:], other[1:])
-    assert torch.equal(first, ops.denoise_step(x, m, a_t, a_prev, drawn)[0])
-
-
 # --------------------------------------------------------------------------------------
 # diffusers' schedulers, a different timestep per batch element
 # --------------------------------------------------------------------------------------

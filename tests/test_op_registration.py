@@ -37,11 +37,17 @@ def test_python_wrapper_keeps_the_contract_signature(name):
     assert got == CONTRACT[name]
 
 
+# Arguments the raw ops take after the contract's, each optional: calls written against the
+# contract mean the same. denoise_step's seed draws the noise in the kernel (test_normal_noise.py).
+SCHEMA_EXTENSIONS = {"latent_transform": [], "mc_loss": [], "denoise_step": [("seed", None)]}
+
+
 @pytest.mark.parametrize("name", CONTRACT)
 def test_torch_ops_schema_keeps_the_contract_names_and_defaults(name):
     schema = getattr(torch.ops.softmix, name).default._schema
     got = [(a.name, a.default_value if a.has_default_value() else None) for a in schema.arguments]
-    assert got == CONTRACT[name]
+    assert got == CONTRACT[name] + SCHEMA_EXTENSIONS[name]
+    assert all(a.has_default_value() for a in schema.arguments[len(CONTRACT[name]):])
 
 
 def test_wrappers_and_torch_ops_compute_the_same(rng):
@@ -87,7 +93,7 @@ def mc_args(rng, dtype, grad, m=3, b=4, bound="jensen", temperature=1.0):
     )
 
 
-def step_args(rng, dtype, grad, b=4, eta=1.0, prediction_type="epsilon", clip=None, with_noise=True):
+def step_args(rng, dtype, grad, b=4, eta=1.0, prediction_type="epsilon", clip=None, with_noise=True, seed=None):
     a_t = uniform(rng, b, low=0.2, high=0.7)
     alphas = torch.float64 if dtype == torch.float64 else torch.float32
     return (
@@ -99,6 +105,7 @@ def step_args(rng, dtype, grad, b=4, eta=1.0, prediction_type="epsilon", clip=No
         eta,
         prediction_type,
         clip,
+        seed,
     )
 
 
@@ -125,6 +132,10 @@ OPCHECK_CASES = {
         lambda rng, dt, g: step_args(rng, dt, g, eta=0.0, prediction_type="sample"),
     ),
     "denoise_step-no_noise": ("denoise_step", lambda rng, dt, g: step_args(rng, dt, g, with_noise=False)),
+    "denoise_step-seed": (
+        "denoise_step",
+        lambda rng, dt, g: step_args(rng, dt, g, with_noise=False, seed=int(torch.randint(2**62, (), generator=rng))),
+    ),
     "denoise_step-B0": ("denoise_step", lambda rng, dt, g: step_args(rng, dt, g, b=0, clip=2.0)),
 }
 
@@ -157,7 +168,7 @@ def test_opcheck_backward_ops(rng):
     assert_opcheck_passes(
         "mc_loss_backward", (torch.rand(pred.shape[1]), pred, target, weight, errors, bound, temperature, True)
     )
-    x, m, a_t, a_prev, _, eta, prediction_type, clip = step_args(
+    x, m, a_t, a_prev, _, eta, prediction_type, clip, _ = step_args(
         rng, torch.float32, False, eta=0.5, prediction_type="v_prediction", clip=1.0
     )
     assert_opcheck_passes(
@@ -178,7 +189,7 @@ def test_backward_ops_skip_the_gradient_not_asked_for(rng):
     assert torch.equal(full[0], skipped[0]) and torch.equal(full[2], skipped[2])
     assert_opcheck_passes("mc_loss_backward", (*args, False))
 
-    x, m, a_t, a_prev, _, eta, prediction_type, clip = step_args(rng, torch.float32, False, eta=0.5)
+    x, m, a_t, a_prev, _, eta, prediction_type, clip, _ = step_args(rng, torch.float32, False, eta=0.5)
     args = (torch.randn_like(x), torch.randn_like(x), x, m, a_t, a_prev, eta, prediction_type, clip)
     full, skipped = (torch.ops.softmix.denoise_step_backward(*args, need) for need in (True, False))
     assert full[2].shape == x.shape and skipped[2].shape == (0,)

@@ -1,5 +1,6 @@
 // denoise_step on CUDA: a 2-D grid, samples along y and each sample's values along x, so a
-// thread computes its sample's step constants once and then streams values.
+// thread computes its sample's step constants once and then streams values (drawing each
+// value's noise itself when given a seed).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -14,6 +15,7 @@
 #include "checks.h"
 #include "cuda/lanes.cuh"
 #include "math/denoise_step.h"
+#include "math/normal_noise.h"
 
 namespace softmix::cuda {
 namespace {
@@ -29,15 +31,18 @@ dim3 step_grid(int64_t B, int64_t K) {
 
 template <typename scalar_t, typename acc_t>
 __global__ void denoise_step_kernel(const scalar_t* __restrict__ x_t, const scalar_t* __restrict__ model_output,
-                                    const scalar_t* __restrict__ noise, const acc_t* __restrict__ a_t,
-                                    const acc_t* __restrict__ a_prev, int64_t B, int64_t K, acc_t eta,
+                                    const scalar_t* __restrict__ noise, bool draws_noise, uint64_t seed,
+                                    const acc_t* __restrict__ a_t, const acc_t* __restrict__ a_prev, int64_t B,
+                                    int64_t K, acc_t eta,
                                     math::PredictionType type, bool clip, acc_t clip_bound,
                                     scalar_t* __restrict__ x_prev, scalar_t* __restrict__ x0) {
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     const auto c = math::step_coefficients<acc_t>(a_t[b], a_prev[b], eta, type);
     for (int64_t k = b * K + blockIdx.x * blockDim.x + threadIdx.x; k < (b + 1) * K;
          k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      const acc_t noise_k = noise != nullptr ? static_cast<acc_t>(noise[k]) : acc_t(0);
+      const acc_t noise_k = noise != nullptr ? static_cast<acc_t>(noise[k])
+                            : draws_noise   ? static_cast<acc_t>(math::normal_at(seed, static_cast<uint64_t>(k)))
+                                            : acc_t(0);
       acc_t prev, x0_k;
       math::step_element(c, static_cast<acc_t>(x_t[k]), static_cast<acc_t>(model_output[k]), noise_k, clip,
                          clip_bound, prev, x0_k);
@@ -73,9 +78,10 @@ __global__ void denoise_step_backward_kernel(const scalar_t* __restrict__ grad_x
 std::tuple<at::Tensor, at::Tensor> denoise_step(const at::Tensor& x_t_in, const at::Tensor& model_output_in,
                                                 const at::Tensor& alpha_bar_t, const at::Tensor& alpha_bar_prev,
                                                 const std::optional<at::Tensor>& noise_in, double eta,
-                                                std::string_view prediction_type, std::optional<double> clip_sample) {
+                                                std::string_view prediction_type, std::optional<double> clip_sample,
+                                                std::optional<int64_t> seed) {
   const DenoiseStepSizes n =
-      check_denoise_step(x_t_in, model_output_in, alpha_bar_t, alpha_bar_prev, noise_in, eta, clip_sample);
+      check_denoise_step(x_t_in, model_output_in, alpha_bar_t, alpha_bar_prev, noise_in, eta, clip_sample, seed);
   const math::PredictionType type = parse_prediction_type(prediction_type);
   const c10::cuda::CUDAGuard guard(x_t_in.device());
   const at::ScalarType acc_type = accumulate_type(x_t_in.scalar_type());
@@ -89,7 +95,8 @@ std::tuple<at::Tensor, at::Tensor> denoise_step(const at::Tensor& x_t_in, const 
     using acc_t = at::opmath_type<scalar_t>;
     denoise_step_kernel<scalar_t, acc_t><<<step_grid(n.B, n.K), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
         x_t.const_data_ptr<scalar_t>(), model_output.const_data_ptr<scalar_t>(),
-        noise.defined() ? noise.const_data_ptr<scalar_t>() : nullptr, a_t.const_data_ptr<acc_t>(),
+        noise.defined() ? noise.const_data_ptr<scalar_t>() : nullptr, seed.has_value(),
+        static_cast<uint64_t>(seed.value_or(0)), a_t.const_data_ptr<acc_t>(),
         a_prev.const_data_ptr<acc_t>(), n.B, n.K, static_cast<acc_t>(eta), type, clip_sample.has_value(),
         static_cast<acc_t>(clip_sample.value_or(0)), x_prev.mutable_data_ptr<scalar_t>(), x0.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -102,7 +109,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_step_backward(
     const at::Tensor& model_output_in, const at::Tensor& alpha_bar_t, const at::Tensor& alpha_bar_prev, double eta,
     std::string_view prediction_type, std::optional<double> clip_sample, bool need_grad_noise) {
   const DenoiseStepSizes n =
-      check_denoise_step(x_t_in, model_output_in, alpha_bar_t, alpha_bar_prev, std::nullopt, eta, clip_sample);
+      check_denoise_step(x_t_in, model_output_in, alpha_bar_t, alpha_bar_prev, std::nullopt, eta, clip_sample,
+                         std::nullopt);
   check_denoise_step_grads(grad_x_prev_in, grad_x0_in, x_t_in);
   const math::PredictionType type = parse_prediction_type(prediction_type);
   const c10::cuda::CUDAGuard guard(x_t_in.device());

@@ -193,9 +193,14 @@ def denoise_step(
         model_output: ``(B, *S)`` the denoiser's prediction, same dtype as ``x_t``.
         alpha_bar_t, alpha_bar_prev: ``(B,)`` cumulative alphas at this and the next step,
             ``0 < alpha_bar_t <= alpha_bar_prev <= 1``.
-        noise: ``(B, *S)`` standard normal noise. When ``None`` and ``eta != 0`` this wrapper
-            draws it (with ``generator``); the raw ``torch.ops.softmix.denoise_step`` takes
-            ``None`` to mean "no noise" (the mean of the step), since an op must be pure.
+        noise: ``(B, *S)`` standard normal noise. When ``None`` and ``eta != 0`` the kernel
+            draws it: this wrapper takes a 62-bit seed from ``generator`` (the default CPU
+            generator when ``None``, so ``torch.manual_seed`` makes it reproducible) and the
+            kernel makes value ``k``'s noise from Philox4x32-10 at ``(seed, k)`` with
+            Box-Muller (``csrc/math/normal_noise.h``): the same numbers on CPU and CUDA up to
+            rounding, whatever the thread count, without writing a noise tensor. The raw
+            ``torch.ops.softmix.denoise_step`` takes that ``seed`` as its last argument, and
+            neither noise nor seed to mean "no noise" (the mean of the step): an op must be pure.
         eta: the DDIM ``eta``.
         prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
         clip_sample: clip ``x0`` to ``[-clip_sample, clip_sample]``; ``None`` to not clip.
@@ -204,8 +209,12 @@ def denoise_step(
         ``(x_prev, x0_pred)``, both ``(B, *S)``. Differentiable in ``x_t``,
         ``model_output`` and ``noise``.
     """
+    seed = None
     if noise is None and eta != 0:
-        noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device)
+        if torch.compiler.is_compiling():  # a seed read from a generator would break the graph
+            noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device)
+        else:
+            seed = draw_seed(generator)
     return torch.ops.softmix.denoise_step(
         x_t,
         model_output,
@@ -215,11 +224,20 @@ def denoise_step(
         float(eta),
         prediction_type,
         None if clip_sample is None else float(clip_sample),
+        seed,
     )
 
 
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """A seed for noise drawn in a kernel: 62 random bits from ``generator`` (advancing it),
+    or from the default CPU generator when ``None``."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
+
+
 @torch.library.register_fake("softmix::denoise_step")
-def _(x_t, model_output, alpha_bar_t, alpha_bar_prev, noise=None, eta=1.0, prediction_type="epsilon", clip_sample=None):
+def _(x_t, model_output, alpha_bar_t, alpha_bar_prev, noise=None, eta=1.0, prediction_type="epsilon", clip_sample=None,
+      seed=None):
     return x_t.new_empty(x_t.shape), x_t.new_empty(x_t.shape)
 
 
@@ -230,7 +248,7 @@ def _(grad_x_prev, grad_x0, x_t, model_output, alpha_bar_t, alpha_bar_prev, eta,
 
 
 def _denoise_step_setup(ctx, inputs, output):
-    x_t, model_output, alpha_bar_t, alpha_bar_prev, noise, eta, prediction_type, clip_sample = inputs
+    x_t, model_output, alpha_bar_t, alpha_bar_prev, noise, eta, prediction_type, clip_sample, _seed = inputs
     ctx.save_for_backward(x_t, model_output, alpha_bar_t, alpha_bar_prev)
     ctx.eta, ctx.prediction_type, ctx.clip_sample = eta, prediction_type, clip_sample
     ctx.has_noise = noise is not None
@@ -265,6 +283,7 @@ def _denoise_step_backward(ctx, grad_x_prev, grad_x0):
         None,
         None,
         None,
+        None,  # seed
     )
 
 
