@@ -34,7 +34,9 @@ constexpr int64_t kNoiseChunk = 2048;  // values
 
 SOFTMIX_CPU_CLONES void box_muller_all(const uint32_t* words, int64_t pairs, float* normals) {
   SOFTMIX_SIMD
-  for (int64_t j = 0; j < pairs; ++j) math::box_muller(words[2 * j], words[2 * j + 1], normals[2 * j], normals[2 * j + 1]);
+  for (int64_t j = 0; j < pairs; ++j) {
+    math::box_muller(words[2 * j], words[2 * j + 1], normals[2 * j], normals[2 * j + 1]);
+  }
 }
 
 struct NoiseChunk {

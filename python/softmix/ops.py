@@ -198,7 +198,8 @@ def denoise_step(
             generator when ``None``, so ``torch.manual_seed`` makes it reproducible) and the
             kernel makes value ``k``'s noise from Philox4x32-10 at ``(seed, k)`` with
             Box-Muller (``csrc/math/normal_noise.h``): the same numbers on CPU and CUDA up to
-            rounding, whatever the thread count, without writing a noise tensor. The raw
+            rounding, whatever the thread count, without writing a noise tensor (float32
+            values, cast to the dtype of ``x_t``). The raw
             ``torch.ops.softmix.denoise_step`` takes that ``seed`` as its last argument, and
             neither noise nor seed to mean "no noise" (the mean of the step): an op must be pure.
         eta: the DDIM ``eta``.
