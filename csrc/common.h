@@ -8,9 +8,7 @@
 #endif
 
 // A loop with a constant trip count unrolled whole: what lets an outer loop around it vectorise.
-#if defined(__CUDACC__)
-#define SOFTMIX_UNROLL _Pragma("unroll")
-#elif defined(__clang__)
+#if defined(__CUDACC__) || defined(__clang__)
 #define SOFTMIX_UNROLL _Pragma("unroll")
 #else
 #define SOFTMIX_UNROLL _Pragma("GCC unroll 16")
