@@ -121,7 +121,8 @@ def min_bytes(op: str, pass_: str, z: Sizes, elt: int) -> int:
         fwd: read r, v; write y                                     -> 2 ND + LND
         bwd: read grad_y, r, v; write grad_r, grad_v                -> 3 ND + 2 LND
     mc_loss, ``pred (M, B, *S)`` (P elements), ``target (B, *S)`` (T elements); gradient for
-    ``pred`` only (the target is the noise, which needs none):
+    ``pred`` only (the target is the noise, which needs none; the ``(M, B)`` log-weights and
+    their gradient are per-row vectors):
         fwd: read pred, target                                      -> P + T
         bwd: read pred, target; write grad_pred                     -> 2 P + T
     denoise_step, ``x_t``, ``model_output``, ``noise`` of X elements each; gradients for
@@ -378,19 +379,26 @@ def bench_latent_transform(z: Sizes, dtype, device, args, results: Results) -> N
     run_variants(op, variants, z, torch.finfo(dtype).bits // 8, device, args, results)
 
 
-def bench_mc_loss(z: Sizes, dtype, device, args, results: Results, bound: str) -> None:
-    op = f"mc_loss ({bound})"
+def bench_mc_loss(z: Sizes, dtype, device, args, results: Results, bound: str, log_weights: bool = False) -> None:
+    """The loss over M samples; with ``log_weights``, over a finite mixture of M weighted
+    components (a categorical identifier's bound), differentiated in pred and the log-weights."""
+    op = f"mc_loss ({bound}, log_weights)" if log_weights else f"mc_loss ({bound})"
     gen = torch.Generator(device="cpu").manual_seed(1)
+    loss_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     target = torch.randn(*z.image, generator=gen).to(device, dtype)
     pred = (target + 0.3 * torch.randn(z.samples, *z.image, generator=gen)).to(device, dtype).requires_grad_()
     weight = torch.rand(z.batch, generator=gen).add(0.5).to(device, dtype)
-    gl = torch.ones(z.batch, device=device, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+    gl = torch.ones(z.batch, device=device, dtype=loss_dtype)
+    kw, wrt = {}, (pred,)
+    if log_weights:
+        lw = torch.log_softmax(torch.randn(z.samples, z.batch, generator=gen), 0).to(device, loss_dtype)
+        kw, wrt = {"log_weights": lw.requires_grad_()}, (pred, lw)
 
     def ref(p, t, w):
-        return reference.mc_loss(p, t, w, bound)
+        return reference.mc_loss(p, t, w, bound, **kw)
 
     def fused(p, t, w):
-        return ops.mc_loss(p, t, w, bound)
+        return ops.mc_loss(p, t, w, bound, **kw)
 
     def fwd(f):
         def call():
@@ -398,32 +406,36 @@ def bench_mc_loss(z: Sizes, dtype, device, args, results: Results, bound: str) -
                 return f(pred, target, weight)
         return call
 
-    ref_loss = ref(pred.float(), target.float(), weight.float())
+    ref_loss, fused_loss = ref(pred.float(), target.float(), weight.float()), fused(pred, target, weight)
     results.checks.append(
-        f"{op}: fused vs eager reference, max |diff| / max |ref|: "
-        f"loss {max_rel_diff(fused(pred, target, weight), ref_loss):.1e}, "
-        f"grad_pred {max_rel_diff(grads(fused(pred, target, weight), (pred,), gl)[0], grads(ref(pred.float(), target.float(), weight.float()), (pred,), gl.float())[0]):.1e}"
+        f"{op}: fused vs eager reference, max |diff| / max |ref|: loss {max_rel_diff(fused_loss, ref_loss):.1e}, "
+        + ", ".join(f"grad_{name} {max_rel_diff(a, b):.1e}"
+                    for name, a, b in zip(("pred", "log_weights"), grads(fused_loss, wrt, gl),
+                                          grads(ref_loss, wrt, gl.float())))
     )
 
     def ref_fwd_bwd():
         loss = ref(pred, target, weight)
-        return grads(loss, (pred,), gl.to(loss.dtype))
+        return grads(loss, wrt, gl.to(loss.dtype))
 
     compiled = compile_fn(ref) if args.compile else None
 
     def compiled_fwd_bwd():
         loss = compiled(pred, target, weight)
-        return grads(loss, (pred,), gl.to(loss.dtype))
+        return grads(loss, wrt, gl.to(loss.dtype))
 
+    # with log_weights the reference is the eager formula softmix.loss.categorical_bound had
+    # before the fused op took log-weights
+    ref_note = "the eager categorical_bound formula" if log_weights else ""
     variants = [
-        Variant("fused (softmix.ops)", "fwd+bwd", lambda: grads(fused(pred, target, weight), (pred,), gl), fused=True),
-        Variant("eager reference", "fwd+bwd", ref_fwd_bwd),
+        Variant("fused (softmix.ops)", "fwd+bwd", lambda: grads(fused(pred, target, weight), wrt, gl), fused=True),
+        Variant("eager reference", "fwd+bwd", ref_fwd_bwd, note=ref_note),
     ]
     if args.compile:
         variants.append(Variant("torch.compile(reference)", "fwd+bwd", compiled_fwd_bwd))
     variants += [
         Variant("fused (softmix.ops)", "fwd", fwd(fused), fused=True),
-        Variant("eager reference", "fwd", fwd(ref)),
+        Variant("eager reference", "fwd", fwd(ref), note=ref_note),
     ]
     run_variants(op, variants, z, torch.finfo(dtype).bits // 8, device, args, results)
 
@@ -674,7 +686,8 @@ def report(results: Results, z: Sizes, dtype, device, copy_bw: float, copy_numel
         f"(git {git_commit()}), CUDA kernels built: {ops.cuda_kernels_built()}",
         f"- sizes: {z.describe()}, {str(dtype).replace('torch.', '')}. latent_transform: r (N, D), v (L, N, D) "
         f"with N = B*H*W = {z.positions}, s (L,). mc_loss: pred (M, B, C, H, W), target (B, C, H, W), gradient for "
-        f"pred only. denoise_step: (B, C, H, W) tensors, eta = 1 (DDPM), epsilon prediction, x0 clipped to "
+        f"pred only (and for log_weights (M, B), a log-softmax of normal logits, in the log_weights rows). "
+        f"denoise_step: (B, C, H, W) tensors, eta = 1 (DDPM), epsilon prediction, x0 clipped to "
         f"[-1, 1], gradients for x_t and model_output.",
         f"- copy bandwidth: {copy_bw / GB:.1f} GB/s (`dst.copy_(src)`, float32, {copy_numel * 4 / MiB:.0f} MiB, "
         f"bytes = 2 x size), measured in this run.",
@@ -795,6 +808,7 @@ def main(argv=None) -> int:
         elif name == "mc_loss":
             bench_mc_loss(z, dtype, device, args, results, "jensen")
             bench_mc_loss(z, dtype, device, args, results, "logmeanexp")
+            bench_mc_loss(z, dtype, device, args, results, "logmeanexp", log_weights=True)
         elif name == "denoise_step":
             bench_denoise_step(z, dtype, device, args, results)
         else:

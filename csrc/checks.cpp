@@ -85,7 +85,7 @@ math::Bound parse_bound(std::string_view bound) {
 }
 
 McLossSizes check_mc_loss(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& weight,
-                          double temperature) {
+                          double temperature, const std::optional<at::Tensor>& log_weights) {
   constexpr const char* op = "mc_loss";
   check_same_device(op, {{"pred", &pred}, {"target", &target}, {"weight", &weight}});
   check_float(op, "pred", pred);
@@ -101,11 +101,23 @@ McLossSizes check_mc_loss(const at::Tensor& pred, const at::Tensor& target, cons
   TORCH_CHECK(B == 0 || K >= 1, op, ": each example must have at least one value, got pred ", pred.sizes());
   TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), op,
                     ": temperature must be a positive finite number, got ", temperature);
+  if (log_weights.has_value()) {
+    check_same_device(op, {{"pred", &pred}, {"log_weights", &*log_weights}});
+    // The kernels read log_weights as they are: in the dtype the loss is computed in.
+    const at::ScalarType loss_dtype = accumulate_type(pred.scalar_type());
+    TORCH_CHECK(log_weights->scalar_type() == loss_dtype, op, ": log_weights must have the loss dtype ", loss_dtype,
+                " (float32 for float32, float16 and bfloat16 pred; float64 for float64 pred), got ",
+                log_weights->scalar_type(), " with pred of ", pred.scalar_type());
+    TORCH_CHECK(log_weights->dim() == 2 && log_weights->size(0) == M && log_weights->size(1) == B, op,
+                ": log_weights must have shape (M, B) = (", M, ", ", B, ") matching pred (M, B, *S) = ",
+                pred.sizes(), ", got ", log_weights->sizes());
+  }
   return {M, B, K};
 }
 
 void check_mc_loss_grad(const at::Tensor& grad_loss, const at::Tensor& errors, const McLossSizes& sizes,
-                        const at::Tensor& pred) {
+                        const at::Tensor& pred, const std::optional<at::Tensor>& log_weights,
+                        bool need_grad_log_weights) {
   constexpr const char* op = "mc_loss_backward";
   check_same_device(op, {{"pred", &pred}, {"grad_loss", &grad_loss}, {"errors", &errors}});
   check_per_sample(op, "grad_loss", grad_loss, sizes.B, "pred", pred.sizes());
@@ -113,6 +125,8 @@ void check_mc_loss_grad(const at::Tensor& grad_loss, const at::Tensor& errors, c
   TORCH_CHECK(errors.dim() == 2 && errors.size(0) == sizes.M && errors.size(1) == sizes.B, op,
               ": errors must have shape (M, B) = (", sizes.M, ", ", sizes.B, ") matching pred ", pred.sizes(),
               ", got ", errors.sizes());
+  TORCH_CHECK_VALUE(log_weights.has_value() || !need_grad_log_weights, op,
+                    ": need_grad_log_weights is set but no log_weights were given");
 }
 
 // ---- denoise_step ----------------------------------------------------------------------

@@ -31,9 +31,10 @@ void check_latent_transform_grad(const at::Tensor& grad_y, const at::Tensor& r);
 
 math::Bound parse_bound(std::string_view bound);
 McLossSizes check_mc_loss(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& weight,
-                          double temperature);
+                          double temperature, const std::optional<at::Tensor>& log_weights);
 void check_mc_loss_grad(const at::Tensor& grad_loss, const at::Tensor& errors, const McLossSizes& sizes,
-                        const at::Tensor& pred);
+                        const at::Tensor& pred, const std::optional<at::Tensor>& log_weights,
+                        bool need_grad_log_weights);
 
 math::PredictionType parse_prediction_type(std::string_view prediction_type);
 DenoiseStepSizes check_denoise_step(const at::Tensor& x_t, const at::Tensor& model_output,

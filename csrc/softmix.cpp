@@ -10,17 +10,22 @@ TORCH_LIBRARY(softmix, m) {
   m.set_python_module("softmix.ops");
   m.def("latent_transform(Tensor r, Tensor v, Tensor s) -> Tensor");
   m.def("latent_transform_backward(Tensor grad_y, Tensor r, Tensor v, Tensor s) -> (Tensor, Tensor, Tensor)");
-  m.def("mc_loss(Tensor pred, Tensor target, Tensor weight, str bound=\"jensen\", float temperature=1.0) -> Tensor");
+  // log_weights (M, B): log pi_m of a weighted mixture, normalised over m (None: 1/M each).
+  m.def(
+      "mc_loss(Tensor pred, Tensor target, Tensor weight, str bound=\"jensen\", float temperature=1.0,"
+      " Tensor? log_weights=None) -> Tensor");
   // mc_loss is this op's first output; the second, the (M, B) per-sample errors, is what the
   // backward needs, so it reads pred once instead of recomputing them.
   m.def(
-      "mc_loss_with_errors(Tensor pred, Tensor target, Tensor weight, str bound=\"jensen\", float temperature=1.0)"
-      " -> (Tensor loss, Tensor errors)");
+      "mc_loss_with_errors(Tensor pred, Tensor target, Tensor weight, str bound=\"jensen\", float temperature=1.0,"
+      " Tensor? log_weights=None) -> (Tensor loss, Tensor errors)");
   // The backward ops skip the gradient of the target / noise unless asked (need_grad_*):
-  // usually a constant, and a full-size write. Skipped, it comes back as an empty (0,) tensor.
+  // usually a constant, and a full-size write. Skipped, it comes back as an empty (0,) tensor;
+  // so does the gradient of log_weights (small, but absent without them).
   m.def(
       "mc_loss_backward(Tensor grad_loss, Tensor pred, Tensor target, Tensor weight, Tensor errors, str bound,"
-      " float temperature, bool need_grad_target) -> (Tensor, Tensor, Tensor)");
+      " float temperature, bool need_grad_target, Tensor? log_weights=None, bool need_grad_log_weights=False)"
+      " -> (Tensor grad_pred, Tensor grad_target, Tensor grad_weight, Tensor grad_log_weights)");
   // seed: the noise drawn in the kernel, a pure function of (seed, element index); see
   // math/normal_noise.h. Without noise and seed the step has no noise (its mean).
   m.def(
@@ -36,13 +41,13 @@ TORCH_LIBRARY(softmix, m) {
 // registered for mc_loss_with_errors).
 TORCH_LIBRARY_IMPL(softmix, CompositeImplicitAutograd, m) {
   m.impl("mc_loss", [](const at::Tensor& pred, const at::Tensor& target, const at::Tensor& weight,
-                       c10::string_view bound, double temperature) {
+                       c10::string_view bound, double temperature, const std::optional<at::Tensor>& log_weights) {
     static const auto with_errors = c10::Dispatcher::singleton()
                                         .findSchemaOrThrow("softmix::mc_loss_with_errors", "")
                                         .typed<std::tuple<at::Tensor, at::Tensor>(
                                             const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                            c10::string_view, double)>();
-    return std::get<0>(with_errors.call(pred, target, weight, bound, temperature));
+                                            c10::string_view, double, const std::optional<at::Tensor>&)>();
+    return std::get<0>(with_errors.call(pred, target, weight, bound, temperature, log_weights));
   });
 }
 

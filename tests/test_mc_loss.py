@@ -2,8 +2,10 @@
 
 DESIGN.md 3.2. With ``e[m, b] = mean_S (pred[m, b] - target[b])^2``, ``"jensen"`` is
 ``w_b mean_m e[m, b]`` (the paper's bound) and ``"logmeanexp"`` is
-``-T log mean_m exp(-w_b e[m, b] / T)`` (the tighter importance-weighted bound). The fused op
-against softmix.reference in float64, gradcheck, the bounds' textbook facts, bad input.
+``-T log mean_m exp(-w_b e[m, b] / T)`` (the tighter importance-weighted bound). With
+``log_weights`` ``lw = log pi`` (a finite mixture's weights) the means over m are sums
+weighted by ``pi``. The fused op against softmix.reference in float64, gradcheck, the bounds'
+textbook facts, bad input.
 """
 
 import math
@@ -34,6 +36,15 @@ def draw(rng, m, b, shape, spread=0.7):
     return pred, target, weight
 
 
+def draw_log_weights(rng, m, b):
+    """float64 log pi (M, B), normalised over m, far from uniform (pi from about 1e-4 to 1)."""
+    return torch.log_softmax(2 * randn(rng, m, b), dim=0)
+
+
+MIXTURES = ["uniform", "log_weights"]  # without log_weights (1/M each), or with drawn ones
+INPUT_NAMES = ("pred", "target", "weight", "log_weights")
+
+
 def loss_dtype(dtype):
     # the loss is accumulated in float and returned in float32 for half inputs (ops.mc_loss docs)
     return torch.float32 if dtype in HALF_DTYPES else dtype
@@ -44,9 +55,15 @@ def weight_dtype(dtype):
     return loss_dtype(dtype)
 
 
-def reference_with_grads(pred, target, weight, grad_loss, bound, temperature):
-    args = [as_reference(t, requires_grad=True) for t in (pred, target, weight)]
-    loss = reference.mc_loss(*args, bound=bound, temperature=temperature)
+def fused_loss(inputs, bound, temperature):
+    """ops.mc_loss of inputs (pred, target, weight) or (pred, target, weight, log_weights)."""
+    return ops.mc_loss(*inputs[:3], bound, temperature, log_weights=inputs[3] if len(inputs) > 3 else None)
+
+
+def reference_with_grads(inputs, grad_loss, bound, temperature):
+    """The float64 reference's loss and gradients for the same inputs as fused_loss."""
+    args = [as_reference(t, requires_grad=True) for t in inputs]
+    loss = reference.mc_loss(*args[:3], bound, temperature, *args[3:])
     loss.backward(as_reference(grad_loss))
     return loss.detach(), [a.grad for a in args]
 
@@ -69,51 +86,59 @@ SIZES = [
 ]
 
 
+@pytest.mark.parametrize("mixture", MIXTURES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("bound,temperature", [("jensen", 1.0), ("logmeanexp", 1.0), ("logmeanexp", 0.3)])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"M{s[0]}-B{s[1]}-S{'x'.join(map(str, s[2]))}")
-def test_values_and_gradients_match_float64_reference(rng, device, dtype, bound, temperature, size):
+def test_values_and_gradients_match_float64_reference(rng, device, dtype, bound, temperature, size, mixture):
     m, b, shape = size
     pred64, target64, weight64 = draw(rng, m, b, shape)
-    pred, target = as_input(pred64, dtype, device, True), as_input(target64, dtype, device, True)
-    weight = as_input(weight64, weight_dtype(dtype), device, True)
+    inputs = [as_input(pred64, dtype, device, True), as_input(target64, dtype, device, True),
+              as_input(weight64, weight_dtype(dtype), device, True)]
+    if mixture == "log_weights":  # in the loss dtype, as the op asks
+        inputs.append(as_input(draw_log_weights(rng, m, b), loss_dtype(dtype), device, True))
     grad_loss = as_input(uniform(rng, b, low=0.5, high=1.5), loss_dtype(dtype), device)
 
-    loss = ops.mc_loss(pred, target, weight, bound, temperature)
+    loss = fused_loss(inputs, bound, temperature)
     assert loss.shape == (b,) and loss.dtype == loss_dtype(dtype) and loss.device.type == device
     loss.backward(grad_loss)
 
-    expected, expected_grads = reference_with_grads(pred, target, weight, grad_loss, bound, temperature)
+    expected, expected_grads = reference_with_grads(inputs, grad_loss, bound, temperature)
     assert_close_to_reference(loss, expected, dtype, "loss")
-    for name, arg, grad in zip(("pred", "target", "weight"), (pred, target, weight), expected_grads):
+    for name, arg, grad in zip(INPUT_NAMES, inputs, expected_grads):
         assert arg.grad.dtype == arg.dtype and arg.grad.shape == arg.shape, name
         assert_close_to_reference(arg.grad, grad, dtype, f"grad {name}")
 
 
+@pytest.mark.parametrize("mixture", MIXTURES)
 @pytest.mark.parametrize("bound", BOUNDS)
 @pytest.mark.parametrize("layout", ["transposed", "strided", "sample_major"])
-def test_non_contiguous_inputs_match_float64_reference(rng, device, bound, layout):
+def test_non_contiguous_inputs_match_float64_reference(rng, device, bound, layout, mixture):
     dtype = torch.float32
     m, b, shape = 4, 6, (3, 5, 7)
     pred64, target64, weight64 = draw(rng, m, b, shape)
+    log_weights64 = draw_log_weights(rng, m, b)
     if layout == "sample_major":
-        # a model run once on the (B * M) fan-out: (B, M, *S) viewed as (M, B, *S)
+        # a model run once on the (B * M) fan-out: (B, M, *S) viewed as (M, B, *S), and the
+        # mixture's log-weights (B, M) transposed, as training_loss hands them over
         pred = as_input(pred64.transpose(0, 1).contiguous(), dtype, device).transpose(0, 1)
+        log_weights = as_input(log_weights64.T.contiguous(), dtype, device).T
         target, weight = as_input(target64, dtype, device), as_input(weight64, dtype, device)
     else:
-        pred, target, weight = (
-            non_contiguous(as_input(t, dtype, device), layout) for t in (pred64, target64, weight64)
+        pred, target, weight, log_weights = (
+            non_contiguous(as_input(t, dtype, device), layout) for t in (pred64, target64, weight64, log_weights64)
         )
-    assert not pred.is_contiguous()
-    for t in (pred, target, weight):
+    assert not pred.is_contiguous() and not log_weights.is_contiguous()
+    inputs = [pred, target, weight] + ([log_weights] if mixture == "log_weights" else [])
+    for t in inputs:
         t.requires_grad_()
     grad_loss = as_input(uniform(rng, b, low=0.5, high=1.5), dtype, device)
 
-    loss = ops.mc_loss(pred, target, weight, bound, 0.5)
+    loss = fused_loss(inputs, bound, 0.5)
     loss.backward(grad_loss)
-    expected, expected_grads = reference_with_grads(pred, target, weight, grad_loss, bound, 0.5)
+    expected, expected_grads = reference_with_grads(inputs, grad_loss, bound, 0.5)
     assert_close_to_reference(loss, expected, dtype, "loss")
-    for name, arg, grad in zip(("pred", "target", "weight"), (pred, target, weight), expected_grads):
+    for name, arg, grad in zip(INPUT_NAMES, inputs, expected_grads):
         assert_close_to_reference(arg.grad, grad, dtype, f"grad {name}")
 
 
@@ -131,13 +156,40 @@ def test_gradcheck_float64_one_input_at_a_time(rng, bound, wrt):
     assert torch.autograd.gradcheck(lambda p, t, w: ops.mc_loss(p, t, w, bound, 0.7), tuple(args.values()))
 
 
+@pytest.mark.parametrize("bound,temperature", [("jensen", 1.0), ("logmeanexp", 1.0), ("logmeanexp", 0.25)])
+def test_gradcheck_float64_with_log_weights(rng, bound, temperature):
+    # gradcheck moves log_weights off the simplex: the op does not renormalise, so this checks
+    # the unconstrained gradient, the one autograd passes on to log_softmax
+    pred, target, weight = (t.requires_grad_() for t in draw(rng, 3, 2, (2, 3)))
+    log_weights = draw_log_weights(rng, 3, 2).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda p, t, w, lw: ops.mc_loss(p, t, w, bound, temperature, log_weights=lw),
+        (pred, target, weight, log_weights),
+    )
+
+
 @pytest.mark.parametrize("bound", BOUNDS)
-def test_empty_batch_gives_empty_loss_and_gradients(rng, device, bound):
-    pred, target, weight = (as_input(t, torch.float32, device, True) for t in draw(rng, 3, 0, (4, 2)))
-    loss = ops.mc_loss(pred, target, weight, bound)
+@pytest.mark.parametrize("wrt", INPUT_NAMES)
+def test_gradcheck_float64_with_log_weights_one_input_at_a_time(rng, bound, wrt):
+    # each gradient alone: the backward then skips the others (need_grad_target, ...)
+    args = dict(zip(INPUT_NAMES, (*draw(rng, 4, 3, (5,)), draw_log_weights(rng, 4, 3))))
+    args[wrt].requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda p, t, w, lw: ops.mc_loss(p, t, w, bound, 0.7, log_weights=lw), tuple(args.values())
+    )
+
+
+@pytest.mark.parametrize("mixture", MIXTURES)
+@pytest.mark.parametrize("bound", BOUNDS)
+def test_empty_batch_gives_empty_loss_and_gradients(rng, device, bound, mixture):
+    inputs = [as_input(t, torch.float32, device, True) for t in draw(rng, 3, 0, (4, 2))]
+    if mixture == "log_weights":
+        inputs.append(as_input(draw_log_weights(rng, 3, 0), torch.float32, device, True))
+    loss = fused_loss(inputs, bound, 1.0)
     assert loss.shape == (0,)
     loss.sum().backward()
-    assert pred.grad.shape == (3, 0, 4, 2) and target.grad.shape == (0, 4, 2) and weight.grad.shape == (0,)
+    for arg in inputs:
+        assert arg.grad.shape == arg.shape
 
 
 @pytest.mark.parametrize("bound", BOUNDS)
@@ -163,15 +215,17 @@ def test_one_value_per_example_is_the_squared_difference(rng, device):
 # --------------------------------------------------------------------------------------
 
 
-def rounding_slack(pred, target, weight, temperature, accumulate_dtype):
+def rounding_slack(pred, target, weight, temperature, accumulate_dtype, log_weights=None):
     """How far rounding alone may push the computed logmeanexp above jensen, per example.
 
-    ``-T (logsumexp(x) - log M)`` with ``x = -w e / T`` loses ``~eps (|x|_max + log M)`` to
-    rounding inside the log, which the factor T turns into ``eps (w e_max + T log M)``: at a
-    high temperature the gap Jensen's inequality leaves (``~ w^2 Var e / 2T``) drops below it.
+    ``-T logsumexp(x)`` with ``x = lw - w e / T`` (``lw = -log M`` without log-weights) loses
+    ``~eps (|x|_max + |lw|_max)`` to rounding inside the log, which the factor T turns into
+    ``eps (w e_max + T |lw|_max)``: at a high temperature the gap Jensen's inequality leaves
+    (``~ w^2 Var e / 2T``) drops below it.
     """
     errors = (as_reference(pred) - as_reference(target)).square().flatten(2).mean(-1)  # (M, B)
-    scale = as_reference(weight) * errors.max(0).values + temperature * (math.log(pred.shape[0]) + 1)
+    log_term = math.log(pred.shape[0]) if log_weights is None else as_reference(log_weights).abs().max(0).values
+    scale = as_reference(weight) * errors.max(0).values + temperature * (log_term + 1)
     return 8 * torch.finfo(accumulate_dtype).eps * scale.to(pred.device)
 
 
@@ -188,6 +242,20 @@ def test_logmeanexp_never_exceeds_jensen(rng, device):
         lme = ops.mc_loss(pred, target, weight, "logmeanexp", temperature)
         assert torch.isfinite(lme).all()
         slack = rounding_slack(pred, target, weight, temperature, torch.float64)
+        assert (lme <= jensen + slack).all(), (m, temperature, lme - jensen, slack)
+
+
+def test_weighted_logmeanexp_never_exceeds_weighted_jensen(rng, device):
+    # Jensen's inequality holds for any weights pi: -T log sum pi exp(-x / T) <= sum pi x
+    for _ in range(50):
+        m = int(torch.randint(1, 17, (), generator=rng))
+        b = int(torch.randint(1, 9, (), generator=rng))
+        pred, target, weight = (as_input(t, torch.float64, device) for t in draw(rng, m, b, (3, 4)))
+        log_weights = as_input(draw_log_weights(rng, m, b), torch.float64, device)
+        temperature = float(10 ** uniform(rng, 1, low=-2, high=2))
+        jensen = ops.mc_loss(pred, target, weight, "jensen", log_weights=log_weights)
+        lme = ops.mc_loss(pred, target, weight, "logmeanexp", temperature, log_weights=log_weights)
+        slack = rounding_slack(pred, target, weight, temperature, torch.float64, log_weights)
         assert (lme <= jensen + slack).all(), (m, temperature, lme - jensen, slack)
 
 
@@ -262,6 +330,62 @@ def test_logmeanexp_gradient_weights_each_sample_by_its_posterior(rng):
     assert_close_to_reference(pred.grad, expected, torch.float64, "grad pred")
 
 
+# --------------------------------------------------------------------------------------
+# log_weights: a finite mixture's weights pi
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("bound,temperature", [("jensen", 1.0), ("logmeanexp", 0.5)])
+def test_uniform_log_weights_give_the_unweighted_loss(rng, device, dtype, bound, temperature):
+    # lw = -log M is what the op assumes without log_weights; equal up to exp(-log M) != 1/M
+    m, b = 5, 7
+    inputs = [as_input(t, dtype, device, True) for t in draw(rng, m, b, (3, 4))]
+    log_weights = torch.full((m, b), -math.log(m), dtype=dtype, device=device)
+    weighted = ops.mc_loss(*inputs, bound, temperature, log_weights=log_weights)
+    plain = ops.mc_loss(*inputs, bound, temperature)
+    tolerance = 8 * torch.finfo(dtype).eps
+    assert_close_to_reference(weighted, plain, dtype, "loss", tolerance)
+    for name, got, expected in zip(INPUT_NAMES, torch.autograd.grad(weighted.sum(), inputs),
+                                   torch.autograd.grad(plain.sum(), inputs)):
+        assert_close_to_reference(got, expected, dtype, f"grad {name}", tolerance)
+
+
+@pytest.mark.parametrize("absent", [0, 2], ids=["first", "last"])
+@pytest.mark.parametrize("bound", BOUNDS)
+def test_a_component_of_weight_zero_counts_as_absent(rng, device, bound, absent):
+    # lw = -inf: a finite loss, that of the other components alone, and zero gradients for the
+    # component (never NaN), even where its prediction is perfect and would dominate logmeanexp
+    m, b = 3, 6
+    pred, target, weight = draw(rng, m, b, (5,))
+    pred[absent] = target
+    kept = [k for k in range(m) if k != absent]
+    log_weights = torch.full((m, b), -math.inf, dtype=torch.float64)
+    log_weights[kept] = draw_log_weights(rng, m - 1, b)
+    inputs = [as_input(t, torch.float64, device, True) for t in (pred, target, weight, log_weights)]
+
+    loss = fused_loss(inputs, bound, 0.5)
+    loss.backward(torch.ones_like(loss))
+    assert torch.isfinite(loss).all()
+    for name, arg in zip(INPUT_NAMES, inputs):
+        assert torch.isfinite(arg.grad).all(), name
+    assert (inputs[0].grad[absent] == 0).all() and (inputs[3].grad[absent] == 0).all()
+    pred, target, weight, log_weights = (t.detach() for t in inputs)
+    without = ops.mc_loss(pred[kept], target, weight, bound, 0.5, log_weights=log_weights[kept])
+    assert_close_to_reference(loss, without, torch.float64, "loss with a component of weight 0 vs without it")
+
+
+def test_logmeanexp_gradient_of_the_log_weights_is_minus_t_times_the_posterior(rng):
+    # d loss / d lw_m = -T p_m with p = softmax_m(lw - w e / T): the mixture's weights move
+    # towards the components that explain the target
+    pred, target, weight = draw(rng, 4, 3, (6,))
+    log_weights = draw_log_weights(rng, 4, 3).requires_grad_()
+    ops.mc_loss(pred, target, weight, "logmeanexp", 0.4, log_weights=log_weights).sum().backward()
+    errors = (pred - target).square().mean(-1)
+    posterior = torch.softmax(log_weights.detach() - weight * errors / 0.4, dim=0)
+    assert_close_to_reference(log_weights.grad, -0.4 * posterior, torch.float64, "grad log_weights")
+
+
 def test_extreme_errors_stay_finite(rng, device):
     # exp(-w e / T) underflows for every sample: the max-shifted log-sum-exp must not
     pred, target, weight = (as_input(t, torch.float32, device) for t in draw(rng, 4, 3, (5,)))
@@ -297,6 +421,20 @@ BAD_INPUTS = {
     "zero temperature": ((P, T, W), dict(bound="logmeanexp", temperature=0.0), r"mc_loss.*\btemperature\b"),
     "negative temperature": ((P, T, W), dict(bound="logmeanexp", temperature=-1.0), r"mc_loss.*\btemperature\b"),
     "nan temperature": ((P, T, W), dict(bound="logmeanexp", temperature=math.nan), r"mc_loss.*\btemperature\b"),
+    "log_weights (B, M)": (
+        (P, T, W), dict(log_weights=torch.zeros(4, 3)), r"mc_loss.*\blog_weights\b.*\(M, B\) = \(3, 4\).*\[4, 3\]"
+    ),
+    "log_weights of another M": ((P, T, W), dict(log_weights=torch.zeros(2, 4)), r"mc_loss.*\blog_weights\b.*\[2, 4\]"),
+    "log_weights of rank 1": ((P, T, W), dict(log_weights=torch.zeros(3)), r"mc_loss.*\blog_weights\b.*\[3\]"),
+    "half log_weights": (
+        (P, T, W), dict(log_weights=torch.zeros(3, 4, dtype=torch.float16)), r"mc_loss.*\blog_weights\b.*Float.*Half"
+    ),
+    "float64 log_weights beside float32 pred": (
+        (P, T, W), dict(log_weights=torch.zeros(3, 4, dtype=torch.float64)), r"mc_loss.*\blog_weights\b.*Double"
+    ),
+    "integer log_weights": (
+        (P, T, W), dict(log_weights=torch.zeros(3, 4, dtype=torch.long)), r"mc_loss.*\blog_weights\b.*Long"
+    ),
 }
 
 
@@ -307,18 +445,28 @@ def test_bad_input_raises_an_error_naming_the_argument(args, kwargs, message):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("on_cuda", ["pred", "target", "weight"])
+@pytest.mark.parametrize("on_cuda", INPUT_NAMES)
 def test_mixed_devices_are_rejected(on_cuda):
-    args = dict(zip(("pred", "target", "weight"), good()))
+    args = dict(zip(INPUT_NAMES, (*good(), torch.full((3, 4), -math.log(3)))))
     args[on_cuda] = args[on_cuda].cuda()
     with pytest.raises(RuntimeError, match=rf"mc_loss.*device.*\b{on_cuda}\b"):
-        ops.mc_loss(*args.values())
+        fused_loss(list(args.values()), "jensen", 1.0)
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("mixture", MIXTURES)
 @pytest.mark.parametrize("bound", BOUNDS)
-def test_cuda_agrees_with_cpu(rng, bound):
-    pred, target, weight = (t.float() for t in draw(rng, 4, 64, (3, 16, 16)))
-    cpu = ops.mc_loss(pred, target, weight, bound, 0.5)
-    gpu = ops.mc_loss(pred.cuda(), target.cuda(), weight.cuda(), bound, 0.5)
+def test_cuda_agrees_with_cpu(rng, bound, mixture):
+    m, b = 4, 64
+    inputs = [t.float() for t in draw(rng, m, b, (3, 16, 16))]
+    if mixture == "log_weights":
+        inputs.append(draw_log_weights(rng, m, b).float())
+    on_cpu = [t.clone().requires_grad_() for t in inputs]
+    on_gpu = [t.cuda().requires_grad_() for t in inputs]
+    cpu, gpu = fused_loss(on_cpu, bound, 0.5), fused_loss(on_gpu, bound, 0.5)
     assert_close_to_reference(gpu, cpu.double(), torch.float32, "cuda vs cpu")
+    grad_loss = uniform(rng, b, low=0.5, high=1.5).float()
+    cpu.backward(grad_loss)
+    gpu.backward(grad_loss.cuda())
+    for name, c, g in zip(INPUT_NAMES, on_cpu, on_gpu):
+        assert_close_to_reference(g.grad, c.grad.double(), torch.float32, f"cuda vs cpu: grad {name}")

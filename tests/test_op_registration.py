@@ -38,8 +38,10 @@ def test_python_wrapper_keeps_the_contract_signature(name):
 
 
 # Arguments the raw ops take after the contract's, each optional: calls written against the
-# contract mean the same. denoise_step's seed draws the noise in the kernel (test_normal_noise.py).
-SCHEMA_EXTENSIONS = {"latent_transform": [], "mc_loss": [], "denoise_step": [("seed", None)]}
+# contract mean the same. mc_loss's log_weights weight a finite mixture (test_mc_loss.py; the
+# wrapper takes them by keyword); denoise_step's seed draws the noise in the kernel
+# (test_normal_noise.py).
+SCHEMA_EXTENSIONS = {"latent_transform": [], "mc_loss": [("log_weights", None)], "denoise_step": [("seed", None)]}
 
 
 @pytest.mark.parametrize("name", CONTRACT)
@@ -58,6 +60,11 @@ def test_wrappers_and_torch_ops_compute_the_same(rng):
     assert torch.equal(
         ops.mc_loss(pred, target, weight, "logmeanexp", 0.3),
         torch.ops.softmix.mc_loss(pred, target, weight, "logmeanexp", 0.3),
+    )
+    log_weights = torch.log_softmax(randn(rng, 3, 4), 0)
+    assert torch.equal(
+        ops.mc_loss(pred, target, weight, "logmeanexp", 0.3, log_weights=log_weights),
+        torch.ops.softmix.mc_loss(pred, target, weight, "logmeanexp", 0.3, log_weights),
     )
     x, m, noise = randn(rng, 4, 6), randn(rng, 4, 6), randn(rng, 4, 6)
     a_t = uniform(rng, 4, low=0.2, high=0.6)
@@ -82,14 +89,15 @@ def lt_args(rng, dtype, grad, n=6, d=5, layers=2, per_position=False):
     )
 
 
-def mc_args(rng, dtype, grad, m=3, b=4, bound="jensen", temperature=1.0):
-    weight_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+def mc_args(rng, dtype, grad, m=3, b=4, bound="jensen", temperature=1.0, log_weights=False):
+    loss_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # weights' too
     return (
         as_input(randn(rng, m, b, 2, 3), dtype, "cpu", grad),
         as_input(randn(rng, b, 2, 3), dtype, "cpu", grad),
-        as_input(uniform(rng, b, low=0.1, high=2.0), weight_dtype, "cpu", grad),
+        as_input(uniform(rng, b, low=0.1, high=2.0), loss_dtype, "cpu", grad),
         bound,
         temperature,
+        as_input(torch.log_softmax(randn(rng, m, b), 0), loss_dtype, "cpu", grad) if log_weights else None,
     )
 
 
@@ -117,10 +125,23 @@ OPCHECK_CASES = {
     "mc_loss-jensen": ("mc_loss", lambda rng, dt, g: mc_args(rng, dt, g)),
     "mc_loss-logmeanexp": ("mc_loss", lambda rng, dt, g: mc_args(rng, dt, g, bound="logmeanexp", temperature=0.5)),
     "mc_loss-M1-B0": ("mc_loss", lambda rng, dt, g: mc_args(rng, dt, g, m=1, b=0, bound="logmeanexp")),
+    "mc_loss-jensen-log_weights": ("mc_loss", lambda rng, dt, g: mc_args(rng, dt, g, log_weights=True)),
+    "mc_loss-logmeanexp-log_weights": (
+        "mc_loss",
+        lambda rng, dt, g: mc_args(rng, dt, g, bound="logmeanexp", temperature=0.5, log_weights=True),
+    ),
+    "mc_loss-M2-B0-log_weights": (
+        "mc_loss",
+        lambda rng, dt, g: mc_args(rng, dt, g, m=2, b=0, bound="logmeanexp", log_weights=True),
+    ),
     "mc_loss_with_errors-jensen": ("mc_loss_with_errors", lambda rng, dt, g: mc_args(rng, dt, g)),
     "mc_loss_with_errors-logmeanexp": (
         "mc_loss_with_errors",
         lambda rng, dt, g: mc_args(rng, dt, g, m=5, bound="logmeanexp", temperature=2.0),
+    ),
+    "mc_loss_with_errors-logmeanexp-log_weights": (
+        "mc_loss_with_errors",
+        lambda rng, dt, g: mc_args(rng, dt, g, m=5, bound="logmeanexp", temperature=2.0, log_weights=True),
     ),
     "denoise_step-epsilon": ("denoise_step", lambda rng, dt, g: step_args(rng, dt, g)),
     "denoise_step-v_prediction-clip": (
@@ -153,21 +174,28 @@ def test_opcheck(rng, case, requires_grad):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", ["latent_transform", "mc_loss", "denoise_step"])
+@pytest.mark.parametrize("name", ["latent_transform", "mc_loss", "mc_loss-log_weights", "denoise_step"])
 def test_opcheck_other_dtypes(rng, name, dtype):
-    make_args = {"latent_transform": lt_args, "mc_loss": mc_args, "denoise_step": step_args}[name]
-    assert_opcheck_passes(name, make_args(rng, dtype, True))
+    make_args = {
+        "latent_transform": lt_args,
+        "mc_loss": mc_args,
+        "mc_loss-log_weights": lambda rng, dt, g: mc_args(rng, dt, g, bound="logmeanexp", log_weights=True),
+        "denoise_step": step_args,
+    }[name]
+    assert_opcheck_passes(name.split("-")[0], make_args(rng, dtype, True))
 
 
 def test_opcheck_backward_ops(rng):
     # the fused backward kernels are ops too; their fake kernels are what compile traces
     r, v, s = lt_args(rng, torch.float32, False, per_position=True)
     assert_opcheck_passes("latent_transform_backward", (torch.randn_like(r), r, v, s))
-    pred, target, weight, bound, temperature = mc_args(rng, torch.float32, False, bound="logmeanexp", temperature=0.5)
-    _, errors = torch.ops.softmix.mc_loss_with_errors(pred, target, weight, bound, temperature)
-    assert_opcheck_passes(
-        "mc_loss_backward", (torch.rand(pred.shape[1]), pred, target, weight, errors, bound, temperature, True)
+    pred, target, weight, bound, temperature, log_weights = mc_args(
+        rng, torch.float32, False, bound="logmeanexp", temperature=0.5, log_weights=True
     )
+    _, errors = torch.ops.softmix.mc_loss_with_errors(pred, target, weight, bound, temperature, log_weights)
+    args = (torch.rand(pred.shape[1]), pred, target, weight, errors, bound, temperature, True)
+    assert_opcheck_passes("mc_loss_backward", args)
+    assert_opcheck_passes("mc_loss_backward", (*args, log_weights, True))
     x, m, a_t, a_prev, _, eta, prediction_type, clip, _ = step_args(
         rng, torch.float32, False, eta=0.5, prediction_type="v_prediction", clip=1.0
     )
@@ -179,15 +207,26 @@ def test_opcheck_backward_ops(rng):
 
 
 def test_backward_ops_skip_the_gradient_not_asked_for(rng):
-    """need_grad_target / need_grad_noise = False: that output is an empty (0,) tensor, the
-    other gradients are the same bits as with it, and the fake kernels agree (opcheck)."""
-    pred, target, weight, bound, temperature = mc_args(rng, torch.float32, False, bound="logmeanexp", temperature=0.5)
-    _, errors = torch.ops.softmix.mc_loss_with_errors(pred, target, weight, bound, temperature)
+    """need_grad_target / need_grad_log_weights / need_grad_noise = False: that output is an
+    empty (0,) tensor, the other gradients are the same bits as with it, and the fake kernels
+    agree (opcheck)."""
+    pred, target, weight, bound, temperature, log_weights = mc_args(
+        rng, torch.float32, False, bound="logmeanexp", temperature=0.5, log_weights=True
+    )
+    _, errors = torch.ops.softmix.mc_loss_with_errors(pred, target, weight, bound, temperature, log_weights)
     args = (torch.rand(pred.shape[1]), pred, target, weight, errors, bound, temperature)
-    full, skipped = (torch.ops.softmix.mc_loss_backward(*args, need) for need in (True, False))
+    full, skipped = (torch.ops.softmix.mc_loss_backward(*args, need, log_weights, True) for need in (True, False))
     assert full[1].shape == target.shape and skipped[1].shape == (0,)
     assert torch.equal(full[0], skipped[0]) and torch.equal(full[2], skipped[2])
     assert_opcheck_passes("mc_loss_backward", (*args, False))
+    full, skipped = (torch.ops.softmix.mc_loss_backward(*args, True, log_weights, need) for need in (True, False))
+    assert full[3].shape == log_weights.shape and skipped[3].shape == (0,)
+    assert all(torch.equal(f, s) for f, s in zip(full[:3], skipped[:3]))
+    assert_opcheck_passes("mc_loss_backward", (*args, True, log_weights, False))
+    # without log_weights there is no gradient for them
+    assert torch.ops.softmix.mc_loss_backward(*args, True)[3].shape == (0,)
+    with pytest.raises(ValueError, match=r"mc_loss_backward.*need_grad_log_weights.*no log_weights"):
+        torch.ops.softmix.mc_loss_backward(*args, True, None, True)
 
     x, m, a_t, a_prev, _, eta, prediction_type, clip, _ = step_args(rng, torch.float32, False, eta=0.5)
     args = (torch.randn_like(x), torch.randn_like(x), x, m, a_t, a_prev, eta, prediction_type, clip)
@@ -201,13 +240,15 @@ def test_backward_ops_skip_the_gradient_not_asked_for(rng):
 # --------------------------------------------------------------------------------------
 
 
-def smd_pipeline(r, v, s, pred, target, weight, x, m, a_t, a_prev, noise):
-    """All three ops in one graph, each feeding the next: head, loss, sampler step."""
+def smd_pipeline(r, v, s, pred, target, weight, logits, x, m, a_t, a_prev, noise):
+    """All three ops in one graph, each feeding the next: head, loss, sampler step (and the
+    loss of a finite mixture whose weights are a softmax of logits)."""
     y = ops.latent_transform(r, v, s)
     loss = ops.mc_loss(pred + y.mean(), target, weight, "logmeanexp", 0.5)
     jensen = ops.mc_loss(pred, target, weight)
+    mixture = ops.mc_loss(pred, target, weight, "logmeanexp", 0.5, log_weights=torch.log_softmax(logits, 0))
     x_prev, x0 = ops.denoise_step(x, m * loss.mean(), a_t, a_prev, noise, 0.5, "v_prediction", 1.5)
-    return y.square().sum() + loss.sum() + jensen.sum() + x_prev.square().sum() + x0.sum()
+    return y.square().sum() + loss.sum() + jensen.sum() + mixture.sum() + x_prev.square().sum() + x0.sum()
 
 
 def pipeline_inputs(rng, n=6, b=4):
@@ -218,6 +259,7 @@ def pipeline_inputs(rng, n=6, b=4):
         randn(rng, 3, b, 2, 3).float().requires_grad_(),
         randn(rng, b, 2, 3).float().requires_grad_(),
         uniform(rng, b, low=0.1, high=2.0).float().requires_grad_(),
+        randn(rng, 3, b).float().requires_grad_(),
         randn(rng, b, 3, 4).float().requires_grad_(),
         randn(rng, b, 3, 4).float().requires_grad_(),
         torch.full((b,), 0.4),

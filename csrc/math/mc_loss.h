@@ -1,19 +1,28 @@
 // mc_loss: the per-example arithmetic, shared by the CPU and CUDA kernels.
 //
-// For one example b with M Monte Carlo predictions of K = prod(S) values each:
+// For one example b with M Monte Carlo predictions of K = prod(S) values each, and mixture
+// weights pi_m = exp(lw_m) from the optional log-weights (normalised over m by the caller;
+// without them pi_m = 1 / M):
 //   e_m  = (1/K) sum_k (pred[m, k] - target[k])^2
-//   jensen:      loss = w * (1/M) sum_m e_m
-//   logmeanexp:  loss = -T log (1/M) sum_m exp(-w e_m / T)
+//   jensen:      loss = w sum_m pi_m e_m
+//   logmeanexp:  loss = -T log sum_m pi_m exp(-w e_m / T) = -T logsumexp_m(x_m),
+//                with the logits x_m = lw_m - w e_m / T
 //
-// Backward, with p = softmax_m(-w e / T) for logmeanexp:
-//   dloss/de_m  = w / M              (jensen)      | w p_m            (logmeanexp)
-//   dloss/dw    = (1/M) sum_m e_m    (jensen)      | sum_m p_m e_m    (logmeanexp)
+// Backward, with p = softmax_m(x) for logmeanexp:
+//   dloss/de_m   = w pi_m             (jensen)      | w p_m            (logmeanexp)
+//   dloss/dw     = sum_m pi_m e_m     (jensen)      | sum_m p_m e_m    (logmeanexp)
+//   dloss/dlw_m  = w pi_m e_m         (jensen)      | -T p_m           (logmeanexp)
 //   dloss/dpred[m, k]  = dloss/de_m * 2 (pred[m, k] - target[k]) / K
 //   dloss/dtarget[k]   = -sum_m dloss/dpred[m, k]
+// A component of weight 0 (lw_m = -inf) adds nothing to the loss and gets zero gradients.
+// Without log-weights the uniform 1/M is a division by M (jensen) or a log M taken out of the
+// log-sum-exp (logmeanexp): the operations, in the order, the op had before it took log-weights.
 //
 // `lanes` says which k this thread owns and how partial sums combine (see
 // latent_transform.h); on the GPU one block handles one example. The forward returns the
-// errors e (M, B) beside the loss so that the backward is a single pass over pred.
+// errors e (M, B) beside the loss so that the backward is a single pass over pred. The
+// log-weights (M, B), when given, are laid out like the errors: an example's column of both
+// is read at the same `stride`.
 #pragma once
 
 #include <cmath>
@@ -45,56 +54,84 @@ SOFTMIX_HD void squared_errors(const scalar_t* pred, int64_t sample_stride, cons
   lanes.sync();
 }
 
-// The log-weights x_m = -w e_m / T of the logmeanexp bound and their maximum.
+// The mixture weight of sample m up to a factor common to all m: exp(lw_m), or 1 without
+// log-weights; weight_normaliser is the sum of these factors (1 when normalised, else M).
 template <typename acc_t>
-SOFTMIX_HD acc_t max_log_weight(const acc_t* err, int64_t err_stride, int64_t M, acc_t w, acc_t T) {
-  acc_t x_max = -w * err[0] / T;
+SOFTMIX_HD acc_t unnormalised_weight(const acc_t* log_w, int64_t stride, int64_t m) {
+  return log_w != nullptr ? exp(log_w[m * stride]) : acc_t(1);
+}
+
+template <typename acc_t>
+SOFTMIX_HD acc_t weight_normaliser(const acc_t* log_w, int64_t M) {
+  return log_w != nullptr ? acc_t(1) : static_cast<acc_t>(M);
+}
+
+// The logit x_m = lw_m - w e_m / T of the logmeanexp bound (-w e_m / T without log-weights,
+// whose log M the callers take out afterwards).
+template <typename acc_t>
+SOFTMIX_HD acc_t logit(const acc_t* err, const acc_t* log_w, int64_t stride, int64_t m, acc_t w, acc_t T) {
+  const acc_t x = -w * err[m * stride] / T;
+  return log_w != nullptr ? log_w[m * stride] + x : x;
+}
+
+// max_m x_m: taken out of the log-sum-exp for stability. Finite while some lw_m is.
+template <typename acc_t>
+SOFTMIX_HD acc_t max_logit(const acc_t* err, const acc_t* log_w, int64_t stride, int64_t M, acc_t w, acc_t T) {
+  acc_t x_max = logit(err, log_w, stride, 0, w, T);
   for (int64_t m = 1; m < M; ++m) {
-    const acc_t x = -w * err[m * err_stride] / T;
+    const acc_t x = logit(err, log_w, stride, m, w, T);
     x_max = x > x_max ? x : x_max;
   }
   return x_max;
 }
 
+// err and log_w (null: uniform weights) hold entry m at [m * stride].
 template <typename acc_t>
-SOFTMIX_HD acc_t loss_from_errors(const acc_t* err, int64_t err_stride, int64_t M, acc_t w, Bound bound, acc_t T) {
+SOFTMIX_HD acc_t loss_from_errors(const acc_t* err, const acc_t* log_w, int64_t stride, int64_t M, acc_t w,
+                                  Bound bound, acc_t T) {
   if (bound == Bound::kJensen) {
     acc_t total = 0;
-    for (int64_t m = 0; m < M; ++m) total += err[m * err_stride];
-    return w * total / static_cast<acc_t>(M);
+    for (int64_t m = 0; m < M; ++m) total += unnormalised_weight(log_w, stride, m) * err[m * stride];
+    return w * total / weight_normaliser(log_w, M);
   }
-  // -T (logsumexp_m(x_m) - log M), with the maximum taken out for stability.
-  const acc_t x_max = max_log_weight(err, err_stride, M, w, T);
+  // -T (logsumexp_m(x_m) - log normaliser), with the maximum taken out for stability.
+  const acc_t x_max = max_logit(err, log_w, stride, M, w, T);
   acc_t total = 0;
-  for (int64_t m = 0; m < M; ++m) total += exp(-w * err[m * err_stride] / T - x_max);
-  return -T * (x_max + log(total) - log(static_cast<acc_t>(M)));
+  for (int64_t m = 0; m < M; ++m) total += exp(logit(err, log_w, stride, m, w, T) - x_max);
+  return -T * (x_max + log(total) - log(weight_normaliser(log_w, M)));
 }
 
-// coef[m] = dloss/de_m; returns dloss/dw.
+// The gradients of `upstream * loss`: coef[m] = upstream * dloss/de_m and, when grad_log_w is
+// not null (log_w must then be given), grad_log_w[m * stride] = upstream * dloss/dlw_m;
+// returns upstream * dloss/dw.
 template <typename acc_t>
-SOFTMIX_HD acc_t loss_gradients(const acc_t* err, int64_t err_stride, int64_t M, acc_t w, Bound bound, acc_t T,
-                                acc_t* coef) {
+SOFTMIX_HD acc_t loss_gradients(const acc_t* err, const acc_t* log_w, int64_t stride, int64_t M, acc_t w,
+                                Bound bound, acc_t T, acc_t upstream, acc_t* coef, acc_t* grad_log_w) {
   if (bound == Bound::kJensen) {
+    const acc_t normaliser = weight_normaliser(log_w, M);
     acc_t total = 0;
     for (int64_t m = 0; m < M; ++m) {
-      coef[m] = w / static_cast<acc_t>(M);
-      total += err[m * err_stride];
+      const acc_t pi = unnormalised_weight(log_w, stride, m), e = err[m * stride];
+      coef[m] = upstream * (w * pi / normaliser);
+      total += pi * e;
+      if (grad_log_w != nullptr) grad_log_w[m * stride] = upstream * (w * pi * e);
     }
-    return total / static_cast<acc_t>(M);
+    return upstream * (total / normaliser);
   }
-  const acc_t x_max = max_log_weight(err, err_stride, M, w, T);
+  const acc_t x_max = max_logit(err, log_w, stride, M, w, T);
   acc_t normaliser = 0;
   for (int64_t m = 0; m < M; ++m) {
-    coef[m] = exp(-w * err[m * err_stride] / T - x_max);  // unnormalised p_m
+    coef[m] = exp(logit(err, log_w, stride, m, w, T) - x_max);  // unnormalised p_m
     normaliser += coef[m];
   }
   acc_t grad_w = 0;
   for (int64_t m = 0; m < M; ++m) {
     const acc_t p = coef[m] / normaliser;
-    grad_w += p * err[m * err_stride];
-    coef[m] = w * p;
+    grad_w += p * err[m * stride];
+    coef[m] = upstream * (w * p);
+    if (grad_log_w != nullptr) grad_log_w[m * stride] = upstream * (-T * p);
   }
-  return grad_w;
+  return upstream * grad_w;
 }
 
 // Given coef[m] = dL/de_m (already scaled by the upstream gradient), write

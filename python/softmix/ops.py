@@ -87,27 +87,37 @@ def mc_loss(
     weight: torch.Tensor,
     bound: str = "jensen",
     temperature: float = 1.0,
+    *,
+    log_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The Monte Carlo SMD loss, one value per example.
 
-    With ``e[m, b] = mean_S (pred[m, b] - target[b])^2``:
+    With ``e[m, b] = mean_S (pred[m, b] - target[b])^2`` and mixture weights
+    ``pi[m, b] = exp(log_weights[m, b])`` (``1 / M`` without ``log_weights``):
 
-    - ``bound="jensen"``: ``loss[b] = weight[b] * mean_m e[m, b]`` (the paper's bound);
-    - ``bound="logmeanexp"``: ``loss[b] = -T log mean_m exp(-weight[b] e[m, b] / T)``, the
-      importance-weighted bound. It equals ``"jensen"`` for ``M = 1`` and never exceeds it.
+    - ``bound="jensen"``: ``loss[b] = weight[b] * sum_m pi[m, b] e[m, b]`` (the paper's bound);
+    - ``bound="logmeanexp"``: ``loss[b] = -T log sum_m pi[m, b] exp(-weight[b] e[m, b] / T)``,
+      the importance-weighted bound. It equals ``"jensen"`` for ``M = 1`` and never exceeds it.
+
+    Without ``log_weights`` these are ``weight[b] * mean_m e[m, b]`` and
+    ``-T log mean_m exp(-weight[b] e[m, b] / T)``: M equally likely Monte Carlo samples.
 
     Args:
-        pred: ``(M, B, *S)`` M Monte Carlo samples of the model's prediction.
+        pred: ``(M, B, *S)`` M Monte Carlo samples of the model's prediction (or the M
+            components of a finite mixture).
         target: ``(B, *S)`` what the prediction should match (the noise, ``v`` or ``x0``).
         weight: ``(B,)`` per-example weight ``w_t``.
         bound: ``"jensen"`` or ``"logmeanexp"``.
         temperature: ``T > 0`` of the ``"logmeanexp"`` bound.
+        log_weights: ``(M, B)`` ``log pi``, normalised over ``m`` by the caller (the op does
+            not renormalise), in the loss dtype (below). ``-inf`` marks a component of weight 0:
+            it adds nothing to the loss and gets zero gradients. ``None``: ``log(1 / M)`` each.
 
     Returns:
         ``(B,)`` in float32 for half inputs, else the dtype of ``pred``. Differentiable in
-        ``pred``, ``target`` and ``weight``.
+        ``pred``, ``target``, ``weight`` and ``log_weights``.
     """
-    return torch.ops.softmix.mc_loss(pred, target, weight, bound, float(temperature))
+    return torch.ops.softmix.mc_loss(pred, target, weight, bound, float(temperature), log_weights)
 
 
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -119,30 +129,35 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
 # The fake kernel and the autograd formula belong to that op.
 # Fake kernels repeat the schema's defaults: the dispatcher may drop arguments left at them.
 @torch.library.register_fake("softmix::mc_loss_with_errors")
-def _(pred, target, weight, bound="jensen", temperature=1.0):
+def _(pred, target, weight, bound="jensen", temperature=1.0, log_weights=None):
     torch._check(pred.dim() >= 2, lambda: "mc_loss: pred must be (M, B, *S)")
     dtype = _loss_dtype(pred.dtype)
     return pred.new_empty((pred.shape[1],), dtype=dtype), pred.new_empty(pred.shape[:2], dtype=dtype)
 
 
 @torch.library.register_fake("softmix::mc_loss_backward")
-def _(grad_loss, pred, target, weight, errors, bound, temperature, need_grad_target):
+def _(grad_loss, pred, target, weight, errors, bound, temperature, need_grad_target, log_weights=None,
+      need_grad_log_weights=False):
     grad_target = target.new_empty(target.shape if need_grad_target else (0,))
-    return pred.new_empty(pred.shape), grad_target, weight.new_empty(weight.shape)
+    # like errors: (M, B) in the loss dtype, which log_weights has
+    grad_log_weights = errors.new_empty(errors.shape if need_grad_log_weights else (0,))
+    return pred.new_empty(pred.shape), grad_target, weight.new_empty(weight.shape), grad_log_weights
 
 
 def _mc_loss_setup(ctx, inputs, output):
-    pred, target, weight, bound, temperature = inputs
-    ctx.save_for_backward(pred, target, weight, output[1])
+    pred, target, weight, bound, temperature, log_weights = inputs
+    ctx.save_for_backward(pred, target, weight, output[1], log_weights)
     ctx.mark_non_differentiable(output[1])
     ctx.bound, ctx.temperature = bound, temperature
 
 
 def _mc_loss_backward(ctx, grad_loss, grad_errors):
-    pred, target, weight, errors = ctx.saved_tensors
+    pred, target, weight, errors, log_weights = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    grad_pred, grad_target, grad_weight = torch.ops.softmix.mc_loss_backward(
-        grad_loss, pred, target, weight, errors, ctx.bound, ctx.temperature, needs[1]
+    need_grad_log_weights = log_weights is not None and needs[5]
+    grad_pred, grad_target, grad_weight, grad_log_weights = torch.ops.softmix.mc_loss_backward(
+        grad_loss, pred, target, weight, errors, ctx.bound, ctx.temperature, needs[1], log_weights,
+        need_grad_log_weights,
     )
     return (
         grad_pred if needs[0] else None,
@@ -150,6 +165,7 @@ def _mc_loss_backward(ctx, grad_loss, grad_errors):
         grad_weight if needs[2] else None,
         None,
         None,
+        grad_log_weights if need_grad_log_weights else None,
     )
 
 

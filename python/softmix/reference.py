@@ -55,6 +55,7 @@ def mc_loss(
     weight: torch.Tensor,
     bound: str = "jensen",
     temperature: float = 1.0,
+    log_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The Monte Carlo SMD loss per example.
 
@@ -63,16 +64,26 @@ def mc_loss(
 
     - ``"jensen"``: ``weight[b] * mean_m e[m, b]``
     - ``"logmeanexp"``: ``-T log mean_m exp(-weight[b] e[m, b] / T)``
+
+    With ``log_weights (M, B)``, ``lw = log pi`` of a weighted mixture, the means over ``m``
+    become sums weighted by ``pi``:
+
+    - ``"jensen"``: ``weight[b] * sum_m pi[m, b] e[m, b]``
+    - ``"logmeanexp"``: ``-T log sum_m exp(lw[m, b] - weight[b] e[m, b] / T)``
     """
     num_samples = pred.shape[0]
     err = (pred - target.unsqueeze(0)).square()
     if err.dim() > 2:  # S = () leaves one squared difference per example
         err = err.flatten(2).mean(-1)  # (M, B)
     if bound == "jensen":
-        return weight * err.mean(0)
+        if log_weights is None:
+            return weight * err.mean(0)
+        return weight * (log_weights.exp() * err).sum(0)
     if bound == "logmeanexp":
         scaled = -weight.unsqueeze(0) * err / temperature
-        return -temperature * (torch.logsumexp(scaled, dim=0) - math.log(num_samples))
+        if log_weights is None:
+            return -temperature * (torch.logsumexp(scaled, dim=0) - math.log(num_samples))
+        return -temperature * torch.logsumexp(log_weights + scaled, dim=0)
     raise ValueError(f"unknown bound {bound!r}; expected 'jensen' or 'logmeanexp'")
 
 
