@@ -71,6 +71,35 @@ def test_loss_is_the_exact_mixture_bound_in_float64(bound):
     torch.testing.assert_close(loss.double(), expected, rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("bound", ["posterior", "logmeanexp"])
+def test_weights_learn_from_the_likelihood_and_components_from_the_bound(bound):
+    """Under "posterior" the logits get the gradient of the step's likelihood, T (pi - r) per
+    example; the bound divides that by k_t (1000 at the last step) and would starve them."""
+    k_num, b, temp = 4, 8, 0.7
+    model = _categorical_model(k_num, seed=3)
+    s = NoiseSchedule(10)
+    x0, noise = torch.randn(b, 2), torch.randn(b, 2)
+    t = torch.tensor([0, 0, 1, 2, 3, 5, 7, 9])
+    w = torch.rand(b) + 0.5
+    logits_bias = model.identifier.logits_net[-1].bias  # adds to every example's logits
+    loss = softmix.training_loss(model, s, x0, bound=bound, temperature=temp, t=t, noise=noise, weight=w)
+    grad_logits, = torch.autograd.grad(loss, logits_bias)
+
+    x_t = s.add_noise(x0, noise, t)
+    with torch.no_grad():
+        pred = model(x_t, t, components=True).reshape(k_num, b, 2).double()
+        log_pi = torch.log_softmax(model.identifier.logits(x_t, t).double(), -1)  # (B, K)
+    e = (pred - noise.double()).square().mean(-1).T  # (B, K)
+    prec = step_precision(s, t, 2, "epsilon").double() if bound == "posterior" else torch.ones(b, dtype=torch.float64)
+    r = torch.softmax(log_pi - (prec * w.double()).unsqueeze(1) * e / temp, -1)
+    # d/dlogits of -(T / k) log sum_k pi_k exp(-k w e_k / T) is (T / k) (pi - r); "posterior"
+    # trains the weights on k times that: the likelihood's
+    scale = torch.ones(b, dtype=torch.float64) if bound == "posterior" else 1 / prec
+    expected = (temp * scale.unsqueeze(1) * (log_pi.exp() - r)).mean(0)
+    assert expected.abs().max() > 1e-3  # the weights have something to learn here
+    torch.testing.assert_close(grad_logits.double(), expected, rtol=1e-4, atol=1e-6)
+
+
 def test_equal_weights_give_the_fused_mc_loss():
     torch.manual_seed(2)
     k_num, b = 4, 5

@@ -18,7 +18,12 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
   modulation of ``h``); ``catlast`` (1: the mixture likelihood only on the last step, ``t = 0``;
   on the others every component regresses the posterior mean, as the plain loss); ``winit``
   (std of the heads' ``W_out`` at init; 0, the library's default, makes a fresh SMD the plain model);
-  ``t0frac`` (this share of every batch trained at the last step, ``t = 0``);
+  ``t0frac`` (this share of every batch trained at the last step, ``t = 0``); ``wdiv`` (1: the
+  mixture weights ``pi_k`` learn from the bound as it is, the likelihood divided by ``k_t``, as
+  the library did before 2026-11-29: their gradient ``pi - r`` is then divided by ``k_t``; 0,
+  the library's way, gives them that of the likelihood itself); ``lscale`` (1: the logits times a
+  learned factor per timestep, ``exp(a(t))``, 1 at init: the true weights' logits at the last
+  step of T = 20 are about 30 times as steep in ``x_t`` as at T = 4);
 - ``hidden``, ``layers``, ``ff``, ``ffs`` (backbone; Fourier features and their scale), ``bs`` (batch size), ``lr``, ``method`` (sampler: ``ddpm`` | ``ddim``),
   ``pred`` (what the model predicts: ``epsilon`` | ``sample`` | ``v_prediction`` | ``mixed``:
   ``x0`` on the last step, ``t = 0``, and ``eps`` on the others; for ``plain`` and ``cat``).
@@ -37,8 +42,9 @@ from torch import nn
 import softmix
 from softmix import SMD, NoiseSchedule
 from softmix.nets import ConvDenoiser, MLPDenoiser
-from softmix.head import SMDHead
-from softmix.loss import categorical_bound, noised_batch, step_precision
+from softmix.categorical import CategoricalIdentifier
+from softmix.head import SMDHead, timestep_embedding
+from softmix.loss import categorical_bound, gradient_scaled, noised_batch, step_precision
 from softmix.posterior import PosteriorEncoder, elbo_loss
 
 # names used in the tables for the built-in variants
@@ -70,6 +76,8 @@ class Variant:
     catlast: bool = False  # cat: the mixture likelihood on the last step only (exploration)
     winit: float = 0.0  # std of the heads' W_out at init (0: the library's zero init)
     t0frac: float = 0.0  # > 0: this share of each batch at t = 0, the rest uniform (exploration)
+    wdiv: bool = False  # cat: the weights' gradient divided by k_t (the library before 2026-11-29)
+    lscale: bool = False  # cat: logits times a learned exp(a(t)) (exploration)
     hidden: int = 128
     layers: int = 3
     ff: int = 64  # random Fourier features of the input (MLPDenoiser(fourier=...)); 0: none
@@ -93,7 +101,7 @@ class Variant:
         for k, v in kv.items():
             if k not in types or k in ("name", "extra"):
                 raise ValueError(f"unknown variant key {k!r} in {text!r}")
-            if k in ("smd", "noeta", "addz", "catlast"):
+            if k in ("smd", "noeta", "addz", "catlast", "wdiv", "lscale"):
                 out[k] = v not in ("0", "false", "False", "")
             elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim", "discrete", "cat"):
                 out[k] = int(v)
@@ -121,6 +129,8 @@ def build_model(v: Variant, sample_shape: tuple[int, ...]) -> nn.Module:
     if v.addz:
         for head in model.heads:
             add_latent_bias(head)
+    if v.lscale:
+        add_logit_scale(model.identifier)
     if v.winit:  # exploration: components differ from the first step (no symmetry to break)
         for head in model.heads:
             nn.init.normal_(head.w_out.weight, std=v.winit)
@@ -189,18 +199,22 @@ class LastStepX0(nn.Module):
 
 
 def categorical_loss(model: SMD, schedule: NoiseSchedule, x0: torch.Tensor, gen: torch.Generator,
-                     min_variance: float, prediction_type: str = "epsilon", last_step_only: bool = False
-                     ) -> torch.Tensor:
+                     min_variance: float, prediction_type: str = "epsilon", last_step_only: bool = False,
+                     weights_divided: bool = False) -> torch.Tensor:
     """``softmix.training_loss`` of a categorical SMD (the exact mixture likelihood of the step
-    at the ``posterior`` sharpness ``k_t``), extended for two explorations: ``pred=mixed``, and
+    at the ``posterior`` sharpness ``k_t``), extended for three explorations: ``pred=mixed``;
     with ``last_step_only`` the plain loss ``sum_k pi_k e_k`` on the steps ``t > 0`` (minimised
-    by every component predicting the posterior mean)."""
+    by every component predicting the posterior mean); with ``weights_divided`` the weights
+    learn from the bound itself (their gradient divided by ``k_t``), not from the likelihood as
+    ``training_loss`` has them."""
     b, num = x0.shape[0], model.identifier.num_components
     t, x_t, target = prediction_batch(schedule, x0, prediction_type, gen)
     pred = model(x_t, t, components=True).reshape(num, *x0.shape)
     log_pi, w = model.last_log_weights.T, torch.ones(b)
     k = precision(schedule, t, x0[0].numel(), prediction_type, min_variance).float()
-    mixture = categorical_bound(pred, target, log_pi, w, "posterior", precision=k)
+    # as training_loss, unless weights_divided: the weights' gradient that of the likelihood
+    mixture_log_pi = log_pi if weights_divided else gradient_scaled(log_pi, k)
+    mixture = categorical_bound(pred, target, mixture_log_pi, w, "posterior", precision=k)
     if last_step_only:
         mixture = torch.where(t == 0, mixture, categorical_bound(pred, target, log_pi, w, "jensen"))
     return mixture.mean()
@@ -219,6 +233,21 @@ def add_latent_bias(head: SMDHead) -> None:
     head.__class__ = LatentBiasHead  # a class, not a patched method, so that deepcopy (EMA) keeps it
     head.z_bias = nn.Linear(head.latent_dim, head.channels, bias=False)
     nn.init.zeros_(head.z_bias.weight)
+
+
+class ScaledLogitsIdentifier(CategoricalIdentifier):
+    """Exploration: the categorical identifier's logits times ``exp(a(t))``, ``a`` learned."""
+
+    def logits(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = super().logits(x_t, t)
+        return out * self.log_scale(timestep_embedding(t, self.time_dim).to(out.dtype)).exp()
+
+
+def add_logit_scale(identifier: CategoricalIdentifier) -> None:
+    identifier.__class__ = ScaledLogitsIdentifier  # a class, so that deepcopy (EMA) keeps it
+    identifier.log_scale = nn.Linear(identifier.time_dim, 1)
+    nn.init.zeros_(identifier.log_scale.weight)
+    nn.init.zeros_(identifier.log_scale.bias)
 
 
 def num_params(model: nn.Module) -> int:
@@ -249,8 +278,8 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
         x0 = draw_batch(v.bs, gen)
         if encoder is not None:
             loss = elbo_loss(model, encoder, schedule, x0, generator=gen, **kw)
-        elif v.cat and (v.catlast or v.pred == "mixed"):
-            loss = categorical_loss(model, schedule, x0, gen, v.minvar, v.pred, v.catlast)
+        elif v.cat and (v.catlast or v.wdiv or v.pred == "mixed"):
+            loss = categorical_loss(model, schedule, x0, gen, v.minvar, v.pred, v.catlast, v.wdiv)
         elif v.pred == "mixed":
             if v.smd:
                 raise ValueError(f"{v.name}: pred=mixed is implemented for plain and cat variants only")

@@ -25,7 +25,13 @@ An ``SMD`` model with a categorical identifier (``SMD(..., identifier="categoric
 finite mixture with weights ``pi_k(x_t, t)``: its ``K`` components are enumerated instead of
 sampled, and the bounds take the weights: ``"posterior"`` is the exact mixture likelihood
 ``-(T / k_t) log sum_k pi_k exp(-k_t w e_k / T)``, ``"logmeanexp"`` the same with ``k_t = 1``,
-``"jensen"`` ``w sum_k pi_k e_k`` (``categorical_bound``).
+``"jensen"`` ``w sum_k pi_k e_k`` (``categorical_bound``). Under ``"posterior"`` the weights
+learn from the likelihood itself, ``-T log sum_k pi_k exp(-k_t w e_k / T)``: dividing it by
+``k_t`` gives the components the gradient scale of the plain loss, but would also divide the
+weights' gradient ``T (pi - r)`` (``r`` the responsibilities) by ``k_t``, 1000 at the last step
+of the 7x7 grid, where the weights must be sharpest; there they would barely learn (7x7 grid at
+T = 10: 23% of the samples on the modes with the divided gradient, 67-72% without;
+benchmarks/results/quality.md).
 """
 
 from __future__ import annotations
@@ -220,6 +226,8 @@ def training_loss(
         k = step_precision(schedule, t, x0[0].numel(), prediction_type, min_variance).to(device, w_dtype)
     if smd is not None and smd.categorical:
         log_weights, smd.last_log_weights = smd.last_log_weights, None  # taken, so the model holds no graph
+        if k is not None:
+            log_weights = gradient_scaled(log_weights, k.unsqueeze(1))
         per_example = categorical_bound(pred, target, log_weights.T, w, bound, temperature, k)
     elif bound == "posterior":
         # -(T / k) log mean exp(-k w e / T) = mc_loss(weight = k w) / k
@@ -227,6 +235,11 @@ def training_loss(
     else:
         per_example = ops.mc_loss(pred, target.to(pred.dtype), w, bound=bound, temperature=temperature)
     return per_example.mean() if reduction == "mean" else per_example
+
+
+def gradient_scaled(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x`` itself, whose gradient is multiplied by ``scale`` on the way back."""
+    return x.detach() + (x - x.detach()) * scale
 
 
 def categorical_bound(
@@ -244,17 +257,16 @@ def categorical_bound(
     (K, B)`` ``log pi_k`` (normalised over ``k``), ``weight (B,)`` ``w``. With ``e_k = mean_S
     (pred_k - target)^2``: ``"jensen"`` ``w sum_k pi_k e_k``; ``"logmeanexp"`` ``-T log sum_k
     pi_k exp(-w e_k / T)``; ``"posterior"`` ``-(T / k) log sum_k pi_k exp(-k w e_k / T)`` with
-    ``precision`` ``k (B,)``. With equal weights these are ``ops.mc_loss``'s bounds (eager:
-    the fused op takes no weights yet).
+    ``precision`` ``k (B,)``. With equal weights these are ``ops.mc_loss``'s bounds; all three
+    are ``ops.mc_loss`` with ``log_weights``, in float32 for half predictions (else pred's dtype).
     """
-    e = (pred.float() - target.float()).square().flatten(2).mean(-1)  # (K, B)
-    w = weight.float()
-    if bound == "jensen":
-        return w * (log_weights.exp() * e).sum(0)
-    if bound == "logmeanexp":
-        k = torch.ones_like(w)
-    elif bound == "posterior" and precision is not None:
-        k = precision.float()
-    else:
+    if bound not in ("jensen", "logmeanexp") and not (bound == "posterior" and precision is not None):
         raise ValueError(f"categorical_bound: unknown bound {bound!r} (or no precision for 'posterior')")
-    return -(temperature / k) * torch.logsumexp(log_weights - k * w * e / temperature, dim=0)
+    # the op takes target in pred's dtype, log-weights in the loss dtype (float32 beside half)
+    loss_dtype = torch.promote_types(pred.dtype, torch.float32)
+    target, log_weights, w = target.to(pred.dtype), log_weights.to(loss_dtype), weight.to(loss_dtype)
+    if bound != "posterior":
+        return ops.mc_loss(pred, target, w, bound, temperature, log_weights=log_weights)
+    # -(T / k) log sum_k pi_k exp(-k w e_k / T) = mc_loss(weight = k w) / k, as in training_loss
+    k = precision.to(loss_dtype)
+    return ops.mc_loss(pred, target, k * w, "logmeanexp", temperature, log_weights=log_weights) / k
