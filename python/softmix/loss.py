@@ -30,7 +30,7 @@ learn from the likelihood itself, ``-T log sum_k pi_k exp(-k_t w e_k / T)``: div
 ``k_t`` gives the components the gradient scale of the plain loss, but would also divide the
 weights' gradient ``T (pi - r)`` (``r`` the responsibilities) by ``k_t``, 1000 at the last step
 of the 7x7 grid, where the weights must be sharpest; there they would barely learn (7x7 grid at
-T = 10: 23% of the samples on the modes with the divided gradient, 67-72% without;
+T = 10: 23% of the samples on the modes with the divided gradient, 56-72% without, six runs;
 benchmarks/results/quality.md).
 """
 
@@ -69,10 +69,10 @@ DEFAULT_MIN_VARIANCE = 1e-3
 # SMD and the plain model): see the results page. At T = 50 "posterior" is worse than the
 # plain model (high-quality share 43% vs 63%, 3 seeds): it helps at T <= 10. The categorical
 # identifier (SMD(identifier="categorical"), softmix.categorical), trained on its exact mixture
-# bound with x0 prediction, puts 95-98% of the 7x7 grid's samples on the modes at T = 4 (K = 64
-# / 128, 3 seeds) and 81-83% in 8-D and 32-D (one seed), but not on the grid at T = 10, 20 or
-# 50; it needs K of about the number of modes and x0 prediction, which SMD cannot know of: an
-# option for few steps, not the default.
+# bound with x0 prediction, puts 99.7% of the 7x7 grid's samples on the modes at T = 4 and 62%
+# at T = 10 (K = 128, 3 seeds; plain: 28%) and 81-83% in 8-D and 32-D at T = 4 (K = 64, one
+# seed), but not on the grid at T = 20 or 50; it needs K of about the number of modes and x0
+# prediction, which SMD cannot know of: an option for few steps, not the default.
 DEFAULT_BOUND = "posterior"
 DEFAULT_NUM_SAMPLES = 16
 
