@@ -4,10 +4,15 @@ Same backbone for every row (softmix's built-in ConvDenoiser by default; a diffu
 UNet2DModel with --backbone unet). Rows:
 
 - plain: the ordinary DDPM loss;
-- SMD, output injection, M = 1, 4, 8 (the backbone runs once, the head M times);
+- SMD, output injection, M = 1, 4, 8, 16 (the backbone runs once, the head M times, with
+  ``W_out`` folded into the last layer: ``SMDHead.through_layer``), and M = 16 unfolded (the
+  head's output of C channels through the last layer for each sample, as before 2026-11-29);
 - SMD, input + output injection, M = 4 (the M samples batched through the backbone);
 - paper-style head, output injection, M = 4: the same head with every ``v v^T + s I`` formed
-  as a dense D x D matrix per position (``softmix.reference.latent_transform_materialized``).
+  as a dense D x D matrix per position (``softmix.reference.latent_transform_materialized``),
+  unfolded;
+- the categorical identifier, K = 64 components, output injection, predicting ``x0``: folded
+  (one conv with K extra output channels, ``SMDHead.through_layer_shared``) and unfolded.
 
     python benchmarks/train_step.py                    # CPU, small settings
     python benchmarks/train_step.py --device cuda --batch 128 --size 32 --backbone unet --write
@@ -37,8 +42,12 @@ ROWS = [
     ("SMD output, M=1", dict(smd=True, inject="output", m=1)),
     ("SMD output, M=4", dict(smd=True, inject="output", m=4)),
     ("SMD output, M=8", dict(smd=True, inject="output", m=8)),
+    ("SMD output, M=16", dict(smd=True, inject="output", m=16)),
+    ("SMD output, M=16, not folded", dict(smd=True, inject="output", m=16, fold=False)),
     ("SMD input+output, M=4", dict(smd=True, inject="auto", m=4)),
-    ("paper-style head (D x D), output, M=4", dict(smd=True, inject="output", m=4, materialized=True)),
+    ("paper-style head (D x D), output, M=4", dict(smd=True, inject="output", m=4, materialized=True, fold=False)),
+    ("categorical K=64, output", dict(smd=True, inject="output", categorical=64)),
+    ("categorical K=64, output, not folded", dict(smd=True, inject="output", categorical=64, fold=False)),
 ]
 
 
@@ -58,27 +67,31 @@ def build(args, row):
         backbone = ConvDenoiser(args.channels, hidden=args.hidden, blocks=args.blocks)
     if not row["smd"]:
         return backbone
+    if row.get("categorical"):
+        return softmix.SMD(backbone, latent_dim=args.latent_dim, hyper_layers=args.hyper_layers, inject=row["inject"],
+                           identifier="categorical", num_components=row["categorical"])
     return softmix.SMD(backbone, latent_dim=args.latent_dim, hyper_layers=args.hyper_layers, inject=row["inject"])
 
 
 @contextlib.contextmanager
 def head_ops(row):
-    """For the paper-style row, the head's fused op replaced by the materialised D x D form."""
+    """For the paper-style row, the head's fused op replaced by the materialised D x D form;
+    for the rows that say so, the head not folded into the last layer."""
     import softmix.head as head_mod
     from softmix import reference
-
-    if not row.get("materialized"):
-        yield
-        return
 
     class _Materialized:
         latent_transform = staticmethod(reference.latent_transform_materialized)
 
-    fused, head_mod.ops = head_mod.ops, _Materialized
+    fused, folds_into = head_mod.ops, head_mod.SMDHead.folds_into
+    if row.get("materialized"):
+        head_mod.ops = _Materialized
+    if row.get("fold") is False:
+        head_mod.SMDHead.folds_into = lambda self, layer: False
     try:
         yield
     finally:
-        head_mod.ops = fused
+        head_mod.ops, head_mod.SMDHead.folds_into = fused, folds_into
 
 
 def make_step(args, row):
@@ -93,7 +106,10 @@ def make_step(args, row):
 
     def step():
         with head_ops(row):
-            loss = softmix.training_loss(model, schedule, x0, num_samples=row.get("m", 1))  # the default bound
+            if row.get("categorical"):  # enumerates its K components; x0, as it needs (quality.md)
+                loss = softmix.training_loss(model, schedule, x0, prediction_type="sample")
+            else:
+                loss = softmix.training_loss(model, schedule, x0, num_samples=row.get("m", 1))  # the default bound
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

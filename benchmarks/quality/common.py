@@ -23,7 +23,9 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
   the library did before 2026-11-29: their gradient ``pi - r`` is then divided by ``k_t``; 0,
   the library's way, gives them that of the likelihood itself); ``lscale`` (1: the logits times a
   learned factor per timestep, ``exp(a(t))``, 1 at init: the true weights' logits at the last
-  step of T = 20 are about 30 times as steep in ``x_t`` as at T = 4);
+  step of T = 20 are about 30 times as steep in ``x_t`` as at T = 4); ``idff`` (n: the
+  identifier's logits see ``n`` random Fourier features of ``x_t``, at the backbone's scale
+  ``ffs``, as the backbone does, not ``x_t`` alone; vectors only);
 - ``hidden``, ``layers``, ``ff``, ``ffs`` (backbone; Fourier features and their scale), ``bs`` (batch size), ``lr``, ``method`` (sampler: ``ddpm`` | ``ddim``),
   ``pred`` (what the model predicts: ``epsilon`` | ``sample`` | ``v_prediction`` | ``mixed``:
   ``x0`` on the last step, ``t = 0``, and ``eps`` on the others; for ``plain`` and ``cat``).
@@ -78,6 +80,7 @@ class Variant:
     t0frac: float = 0.0  # > 0: this share of each batch at t = 0, the rest uniform (exploration)
     wdiv: bool = False  # cat: the weights' gradient divided by k_t (the library before 2026-11-29)
     lscale: bool = False  # cat: logits times a learned exp(a(t)) (exploration)
+    idff: int = 0  # cat: Fourier features of x_t for the identifier's logits (exploration)
     hidden: int = 128
     layers: int = 3
     ff: int = 64  # random Fourier features of the input (MLPDenoiser(fourier=...)); 0: none
@@ -103,7 +106,7 @@ class Variant:
                 raise ValueError(f"unknown variant key {k!r} in {text!r}")
             if k in ("smd", "noeta", "addz", "catlast", "wdiv", "lscale"):
                 out[k] = v not in ("0", "false", "False", "")
-            elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim", "discrete", "cat"):
+            elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim", "discrete", "cat", "idff"):
                 out[k] = int(v)
             elif k in ("temp", "minvar", "lr", "klw", "ffs", "winit", "t0frac"):
                 out[k] = float(v)
@@ -131,6 +134,8 @@ def build_model(v: Variant, sample_shape: tuple[int, ...]) -> nn.Module:
             add_latent_bias(head)
     if v.lscale:
         add_logit_scale(model.identifier)
+    if v.idff:
+        add_identifier_fourier(model.identifier, sample_shape[0], v.idff, v.ffs)
     if v.winit:  # exploration: components differ from the first step (no symmetry to break)
         for head in model.heads:
             nn.init.normal_(head.w_out.weight, std=v.winit)
@@ -248,6 +253,23 @@ def add_logit_scale(identifier: CategoricalIdentifier) -> None:
     identifier.log_scale = nn.Linear(identifier.time_dim, 1)
     nn.init.zeros_(identifier.log_scale.weight)
     nn.init.zeros_(identifier.log_scale.bias)
+
+
+class FourierLogitsIdentifier(CategoricalIdentifier):
+    """Exploration: the categorical identifier's logits from ``concat(x, sin(2 pi x W), cos(2 pi x W))``."""
+
+    def logits(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        proj = 2 * torch.pi * (x_t @ self.fourier_w.to(x_t.dtype))
+        return super().logits(torch.cat([x_t, proj.sin(), proj.cos()], dim=-1), t)
+
+
+def add_identifier_fourier(identifier: CategoricalIdentifier, features: int, n: int, scale: float) -> None:
+    if identifier.spatial_dims:
+        raise ValueError("idff: vectors only")
+    identifier.__class__ = FourierLogitsIdentifier  # a class, so that deepcopy (EMA) keeps it
+    w = torch.randn(features, n, generator=torch.Generator().manual_seed(1)) * scale
+    identifier.register_buffer("fourier_w", w, persistent=False)
+    identifier.features = nn.Linear(features + 2 * n, identifier.features.out_features)
 
 
 def num_params(model: nn.Module) -> int:

@@ -12,6 +12,12 @@ map; at an injection point with features ``h`` the hypernetwork modulates them::
 ``W_out`` starts at zero, so a freshly wrapped model computes exactly what it computed before
 (wrapping a pretrained model does not change it); the first optimiser step moves ``W_out``
 and from then on the head and identifier get gradients (as LoRA's ``B = 0`` init does).
+
+Before a last layer that is a plain Linear or Conv (``inject="output"``), the training loss's
+``M`` samples per example need not pass ``W_out`` and the layer one by one: the layer is linear,
+so ``W_out`` folds into its weight (``SMDHead.through_layer``), and when every example takes
+the same ``K`` latents (the categorical identifier's codes) the whole modulation does, as ``K``
+extra output channels of the layer (``SMDHead.through_layer_shared``).
 """
 
 from __future__ import annotations
@@ -178,13 +184,8 @@ class SMDHead(nn.Module):
             z = z[:, None, :].expand(batch, middle, z.shape[-1])
         return z.reshape(-1, z.shape[-1])
 
-    def modulation(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """``W_out latent_transform(W_in h, v(z), s)`` for ``h`` and ``z`` of batch ``B * M``.
-
-        When ``z`` has ``M`` times the batch of ``h`` (the Monte Carlo fan-out of
-        ``softmix.training_loss``), ``W_in h`` is computed once and shared by the ``M``
-        samples; the result then has batch ``M * B``, ordered sample-major (``m * B + b``).
-        """
+    def _transformed_rows(self, h: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``y = latent_transform(W_in h, v(z), s)`` as ``(M * B * positions, D)`` rows, and ``M``."""
         b = h.shape[0]
         fan = z.shape[0] // b
         if fan * b != z.shape[0]:
@@ -194,15 +195,90 @@ class SMDHead(nn.Module):
         r = self.w_in(self._rows(h))  # (B * P, D)
         if fan > 1:
             r = r.repeat(fan, 1)  # (M * B * P, D), sample-major like z
-        zr = self._fit_latent(z.to(r.dtype), h.shape, z.shape[0])
-        n, d = zr.shape
+        z = z.to(r.dtype)
+        if z.dim() == 2:  # one latent per example: v(z) once per example, then broadcast
+            v = self._fit_latent(self.hyper(z), h.shape, z.shape[0])
+        else:
+            v = self.hyper(self._fit_latent(z, h.shape, z.shape[0]))
+        n, d = v.shape[0], self.latent_dim
         if n != r.shape[0]:
             raise RuntimeError(f"SMD head: latent rows {n} do not match feature rows {r.shape[0]}")
-        v = self.hyper(zr).reshape(n, self.hyper_layers, d).transpose(0, 1)  # (L, N, D)
+        v = v.reshape(n, self.hyper_layers, d).transpose(0, 1)  # (L, N, D)
         s = F.softplus(self.c).to(r.dtype)
-        y = ops.latent_transform(r, v, s)  # fused: O(L D) per position
-        out_shape = (fan * b, *h.shape[1:])
+        return ops.latent_transform(r, v, s), fan  # fused: O(L D) per position
+
+    def modulation(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``W_out latent_transform(W_in h, v(z), s)`` for ``h`` and ``z`` of batch ``B * M``.
+
+        When ``z`` has ``M`` times the batch of ``h`` (the Monte Carlo fan-out of
+        ``softmix.training_loss``), ``W_in h`` is computed once and shared by the ``M``
+        samples; the result then has batch ``M * B``, ordered sample-major (``m * B + b``).
+        """
+        y, fan = self._transformed_rows(h, z)
+        out_shape = (fan * h.shape[0], *h.shape[1:])
         return self._unrows(self.w_out(y), torch.Size(out_shape))
+
+    def folds_into(self, layer: nn.Module) -> bool:
+        """Whether ``through_layer`` can fold ``W_out`` into ``layer`` (a plain Linear, or a
+        Conv of one group, whose input the head modulates)."""
+        if type(self).modulation is not SMDHead.modulation:  # a subclass changed the modulation
+            return False
+        if type(layer) is nn.Linear:
+            return self.channel_dim == -1 and layer.in_features == self.channels
+        return (type(layer) in _CONV.values() and self.channel_dim == 1 and layer.groups == 1
+                and layer.in_channels == self.channels)
+
+    def through_layer(self, layer: nn.Module, h: torch.Tensor, z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``layer(h + modulation(h, z))`` for the ``M`` samples of ``z``, given ``out = layer(h)``.
+
+        ``layer`` is linear, so ``layer(h + W_out y) = layer(h) + layer_0(W_out y)`` (``layer_0``
+        without its bias), and ``layer_0(W_out .)`` is one Linear / Conv with ``W_out`` folded
+        into its weight: the ``M`` samples then cost ``D`` channels each, not the ``C`` of the
+        features, and never go through ``W_out``. Batch ``M * B``, sample-major.
+        """
+        y, fan = self._transformed_rows(h, z)
+        if type(layer) is nn.Linear:
+            folded = layer.weight @ self.w_out.weight  # (F_out, D)
+            delta = (y @ folded.to(y.dtype).T).reshape(fan, *out.shape)
+        else:
+            folded = torch.einsum("oc...,cd->od...", layer.weight, self.w_out.weight)  # (C_out, D, *kernel)
+            y_map = self._unrows(y, torch.Size((fan * h.shape[0], self.latent_dim, *h.shape[2:])))
+            delta = layer._conv_forward(y_map, folded.to(y.dtype), None).reshape(fan, *out.shape)
+        return (out.unsqueeze(0) + delta).reshape(fan * out.shape[0], *out.shape[1:])
+
+    def transform_matrices(self, latents: torch.Tensor) -> torch.Tensor:
+        """``(K, D, D)``: the linear map ``r -> latent_transform(r, v(z_k), s)`` of each latent
+        ``z_k`` of ``latents (K, D)``, ``prod_l (s_l I + v_l v_l^T)``. Computed by the fused op
+        on the ``D`` unit vectors, so that its math stays in one place."""
+        k, d = latents.shape[0], self.latent_dim
+        v = self.hyper(latents).reshape(k, self.hyper_layers, d).transpose(0, 1)  # (L, K, D)
+        unit = torch.eye(d, device=latents.device, dtype=v.dtype).repeat(k, 1)  # (K * D, D)
+        y = ops.latent_transform(unit, v.repeat_interleave(d, dim=1), F.softplus(self.c).to(v.dtype))
+        return y.reshape(k, d, d).transpose(1, 2)  # y[k, j] = M_k e_j, a column of M_k
+
+    def through_layer_shared(self, layer: nn.Module, h: torch.Tensor, latents: torch.Tensor, out: torch.Tensor
+                             ) -> torch.Tensor:
+        """``through_layer`` when every example takes each of the same ``K`` latents ``(K, D)``
+        (the categorical identifier's codes): batch ``K * B``, component-major (``k * B + b``).
+
+        The modulation is then one linear map per component, ``W_out M_k W_in``, so ``layer(h +
+        W_out M_k W_in h)`` folds into ``layer``'s weight as ``K`` extra output channels: one
+        Linear / Conv on the ``B`` examples' features, with nothing computed per component and
+        position.
+        """
+        k = latents.shape[0]
+        m = self.transform_matrices(latents.to(h.dtype))  # (K, D, D)
+        b = h.shape[0]
+        if type(layer) is nn.Linear:
+            folded = torch.einsum("oc,cd,kde,ef->kof", layer.weight, self.w_out.weight, m, self.w_in.weight)
+            delta = (h @ folded.reshape(-1, h.shape[-1]).T.to(h.dtype)).reshape(*h.shape[:-1], k, -1)
+            delta = delta.movedim(-2, 0)  # (K, B, ..., F_out)
+        else:
+            outer = torch.einsum("oc...,cd->od...", layer.weight, self.w_out.weight)  # (C_out, D, *kernel)
+            folded = torch.einsum("od...,kde,ef->kof...", outer, m, self.w_in.weight)  # (K, C_out, C, *kernel)
+            delta = layer._conv_forward(h, folded.flatten(0, 1).to(h.dtype), None)  # (B, K * C_out, *S)
+            delta = delta.reshape(b, k, -1, *delta.shape[2:]).transpose(0, 1)  # (K, B, C_out, *S)
+        return (out.unsqueeze(0) + delta).reshape(k * b, *out.shape[1:])
 
     def forward(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """``h + W_out latent_transform(W_in h, v(z), s)``; batch ``M * B`` when ``z`` fans out."""

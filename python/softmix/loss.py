@@ -178,7 +178,10 @@ def training_loss(
 
     When the only injection point is before the model's last layer (``inject="output"``),
     the backbone runs once for the batch and only the head and the last layer run on the
-    ``M * B`` samples; otherwise the ``M`` samples are batched through the whole model.
+    ``M * B`` samples, the head folded into that layer (``SMDHead.through_layer``; for a
+    categorical identifier the ``K`` components are ``K`` extra output channels of it,
+    ``SMDHead.through_layer_shared``); otherwise the ``M`` samples are batched through the
+    whole model.
     """
     bound = DEFAULT_BOUND if bound is None else bound
     if bound not in BOUNDS:

@@ -142,8 +142,12 @@ class _Injection:
             return h
         return self.owner.heads[self.index](h, z)
 
+    def _folded(self, module) -> bool:
+        # getattr: an SMD pickled before the attribute existed has none
+        return bool(getattr(self.owner, "_fold", None)) and self.owner.heads[self.index].folds_into(module)
+
     def pre(self, module, args, kwargs):
-        if self.owner._latent is None or not args:
+        if self.owner._latent is None or not args or self._folded(module):
             return None
         return (self._apply(args[0]), *args[1:]), kwargs
 
@@ -151,6 +155,14 @@ class _Injection:
         if self.owner._latent is None:
             return None
         return self._apply(output)
+
+    def after_input(self, module, args, output):
+        """After a layer whose input ``pre`` left alone for ``SMDHead.through_layer``."""
+        if self.owner._latent is None or not args or not self._folded(module):
+            return None
+        head = self.owner.heads[self.index]
+        through = head.through_layer_shared if self.owner._fold == "shared" else head.through_layer
+        return through(module, args[0], self.owner._latent, output)
 
 
 class SMD(nn.Module):
@@ -209,10 +221,10 @@ class SMD(nn.Module):
         for i, (name, where) in enumerate(points):
             inj = _Injection(self, i)
             if where == "input":
-                h = modules[name].register_forward_pre_hook(inj.pre, with_kwargs=True)
+                self._handles.append(modules[name].register_forward_pre_hook(inj.pre, with_kwargs=True))
+                self._handles.append(modules[name].register_forward_hook(inj.after_input))
             else:
-                h = modules[name].register_forward_hook(inj.post)
-            self._handles.append(h)
+                self._handles.append(modules[name].register_forward_hook(inj.post))
 
         if in_channels is None:
             in_channels = self._find_in_channels(denoiser, cands)
@@ -252,6 +264,10 @@ class SMD(nn.Module):
         # log pi_k(x_t, t) (B, K) of the last forward(..., components=True): training_loss reads it
         self.last_log_weights: torch.Tensor | None = None
         self._latent: torch.Tensor | None = None
+        # how the head folds into the last layer while an output-only fan-out runs: None (it
+        # does not), "fanout" (M latents per example: SMDHead.through_layer) or "shared" (the
+        # same K latents for every example, _latent (K, D): SMDHead.through_layer_shared)
+        self._fold: str | None = None
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -270,7 +286,8 @@ class SMD(nn.Module):
     @property
     def output_only(self) -> bool:
         """True when the only injection point is before the last layer: ``training_loss`` then
-        runs the backbone once and only the head and the last layer ``M`` times."""
+        runs the backbone once and only the head ``M`` times, folded into the last layer when
+        that is a plain Linear or Conv (``SMDHead.through_layer``)."""
         if len(self.injection_points) != 1:
             return False
         name, where = self.injection_points[0]
@@ -347,13 +364,15 @@ class SMD(nn.Module):
         return t.reshape(x.shape[0])
 
     @contextlib.contextmanager
-    def _with_latent(self, z: torch.Tensor):
-        previous = self._latent
-        self._latent = z
+    def _with_latent(self, z: torch.Tensor, fold: str | None = None):
+        previous = self._latent, self._fold
+        if isinstance(z, nn.Parameter):  # the codes themselves: a view, or nn.Module would register it
+            z = z.view_as(z)
+        self._latent, self._fold = z, fold
         try:
             yield
         finally:
-            self._latent = previous
+            self._latent, self._fold = previous
 
     def latent(self, x_t: torch.Tensor, t: Any, eta: torch.Tensor | None = None, generator=None) -> torch.Tensor:
         """``z = g_xi(eta, x_t, t)`` (drawing ``eta`` when not given)."""
@@ -397,8 +416,26 @@ class SMD(nn.Module):
         t = self._batch_t(t, x_t)
         self.last_log_weights = self.identifier.log_weights(x_t, t)
         codes = self.identifier.component_latents()
+        if self.output_only and self.heads[0].folds_into(self._last_layer()):
+            # every example takes the same K codes: the K components fold into the last layer
+            with self._with_latent(codes, fold="shared"):
+                out = self.denoiser(x_t, t, **kwargs)
+            self._check_fanout(out, codes.shape[0] * x_t.shape[0])
+            return out
         z = codes.repeat_interleave(x_t.shape[0], dim=0)  # (K * B, D), component-major
         return self.forward_samples(x_t, t, latent=z, **kwargs)
+
+    def _last_layer(self) -> nn.Module:
+        return self.denoiser.get_submodule(self.injection_points[-1][0])
+
+    @staticmethod
+    def _check_fanout(out: Any, expected: int) -> None:
+        got = model_output_tensor(out).shape[0]
+        if got != expected:
+            raise RuntimeError(
+                f"SMD output-only fan-out: expected the denoiser to return batch {expected}, got {got}; "
+                "the denoiser does more work after its last layer: use inject='auto' or name points"
+            )
 
     def forward_samples(self, x_t: torch.Tensor, t: torch.Tensor, eta: torch.Tensor | None = None,
                         latent: torch.Tensor | None = None, **kwargs):
@@ -406,7 +443,8 @@ class SMD(nn.Module):
 
         Returns the denoiser's output with batch ``M * B`` (sample-major: ``m * B + b``).
         With output-only injection the backbone runs once on ``B`` examples and the head and
-        last layer on ``M * B``; otherwise ``x_t``, ``t`` and every tensor keyword argument of
+        last layer on ``M * B`` (the head's ``W_out`` folded into a plain Linear or Conv last
+        layer, so the ``M`` samples cost ``D`` channels each, not ``C``); otherwise ``x_t``, ``t`` and every tensor keyword argument of
         batch ``B`` are repeated ``M`` times and the denoiser runs on ``M * B``. ``latent``:
         the ``M * B`` latents ``z`` themselves, in place of ``eta`` (the identifier is skipped).
         """
@@ -423,14 +461,9 @@ class SMD(nn.Module):
         else:
             z = self.identifier(eta, x_t.repeat(m, *([1] * (x_t.dim() - 1))), t.repeat(m))
         if m == 1 or self.output_only:
-            with self._with_latent(z):
+            with self._with_latent(z, fold="fanout" if m > 1 else None):
                 out = self.denoiser(x_t, t, **kwargs)
-            got = model_output_tensor(out).shape[0]
-            if got != m * b:
-                raise RuntimeError(
-                    f"SMD output-only fan-out: expected the denoiser to return batch {m * b}, got {got}; "
-                    "the denoiser does more work after its last layer: use inject='auto' or name points"
-                )
+            self._check_fanout(out, m * b)
             return out
         rep = {
             k: (v.repeat(m, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b else v)
