@@ -375,6 +375,33 @@ def test_a_component_of_weight_zero_counts_as_absent(rng, device, bound, absent)
     assert_close_to_reference(loss, without, torch.float64, "loss with a component of weight 0 vs without it")
 
 
+@pytest.mark.parametrize("bound", BOUNDS)
+def test_an_example_without_any_weight_has_the_bounds_value_and_zero_gradients(rng, device, bound):
+    # every lw of example 1 is -inf: sum_m pi_m exp(-w e_m / T) = 0, so logmeanexp is +inf
+    # (as the float64 reference's logsumexp gives), jensen 0; the gradients are 0, not NaN, and
+    # the other examples are untouched
+    m, b = 4, 3
+    pred, target, weight = draw(rng, m, b, (5,))
+    log_weights = draw_log_weights(rng, m, b)
+    log_weights[:, 1] = -math.inf
+    inputs = [as_input(t, torch.float64, device, True) for t in (pred, target, weight, log_weights)]
+    loss = fused_loss(inputs, bound, 0.5)
+    expected = reference.mc_loss(pred, target, weight, bound, 0.5, log_weights=log_weights)
+    assert expected[1].item() == (math.inf if bound == "logmeanexp" else 0.0)
+    assert_close_to_reference(loss, expected, torch.float64, "loss")
+    probe = torch.rand(b, dtype=torch.float64)
+    loss.backward(probe.to(loss.device))
+    for name, arg in zip(INPUT_NAMES, inputs):
+        assert torch.isfinite(arg.grad).all(), name
+    assert (inputs[0].grad[:, 1] == 0).all() and (inputs[3].grad[:, 1] == 0).all() and inputs[2].grad[1] == 0
+    kept = [0, 2]
+    ref_inputs = [t[:, kept] if i in (0, 3) else t[kept] for i, t in enumerate((pred, target, weight, log_weights))]
+    ref_inputs = [t.detach().clone().requires_grad_() for t in ref_inputs]
+    reference.mc_loss(*ref_inputs[:3], bound, 0.5, log_weights=ref_inputs[3]).backward(probe[kept])
+    assert_close_to_reference(inputs[0].grad[:, kept], ref_inputs[0].grad, torch.float64, "grad pred")
+    assert_close_to_reference(inputs[3].grad[:, kept], ref_inputs[3].grad, torch.float64, "grad log_weights")
+
+
 def test_logmeanexp_gradient_of_the_log_weights_is_minus_t_times_the_posterior(rng):
     # d loss / d lw_m = -T p_m with p = softmax_m(lw - w e / T): the mixture's weights move
     # towards the components that explain the target

@@ -14,7 +14,9 @@
 //   dloss/dlw_m  = w pi_m e_m         (jensen)      | -T p_m           (logmeanexp)
 //   dloss/dpred[m, k]  = dloss/de_m * 2 (pred[m, k] - target[k]) / K
 //   dloss/dtarget[k]   = -sum_m dloss/dpred[m, k]
-// A component of weight 0 (lw_m = -inf) adds nothing to the loss and gets zero gradients.
+// A component of weight 0 (lw_m = -inf) adds nothing to the loss and gets zero gradients. An
+// example whose components all have weight 0 (or infinite errors) has the bound's own value,
+// logmeanexp = -T log 0 = +inf (jensen: 0), and zero gradients: no component to move.
 // Without log-weights the uniform 1/M is a division by M (jensen) or a log M taken out of the
 // log-sum-exp (logmeanexp): the operations, in the order, the op had before it took log-weights.
 //
@@ -96,6 +98,7 @@ SOFTMIX_HD acc_t loss_from_errors(const acc_t* err, const acc_t* log_w, int64_t 
   }
   // -T (logsumexp_m(x_m) - log normaliser), with the maximum taken out for stability.
   const acc_t x_max = max_logit(err, log_w, stride, M, w, T);
+  if (x_max == -acc_t(INFINITY)) return acc_t(INFINITY);  // sum_m pi_m exp(-w e_m / T) = 0
   acc_t total = 0;
   for (int64_t m = 0; m < M; ++m) total += exp(logit(err, log_w, stride, m, w, T) - x_max);
   return -T * (x_max + log(total) - log(weight_normaliser(log_w, M)));
@@ -119,6 +122,13 @@ SOFTMIX_HD acc_t loss_gradients(const acc_t* err, const acc_t* log_w, int64_t st
     return upstream * (total / normaliser);
   }
   const acc_t x_max = max_logit(err, log_w, stride, M, w, T);
+  if (x_max == -acc_t(INFINITY)) {  // no component with a finite logit: p is 0 / 0, the gradients 0
+    for (int64_t m = 0; m < M; ++m) {
+      coef[m] = 0;
+      if (grad_log_w != nullptr) grad_log_w[m * stride] = 0;
+    }
+    return 0;
+  }
   acc_t normaliser = 0;
   for (int64_t m = 0; m < M; ++m) {
     coef[m] = exp(logit(err, log_w, stride, m, w, T) - x_max);  // unnormalised p_m

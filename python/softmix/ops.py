@@ -111,7 +111,9 @@ def mc_loss(
         temperature: ``T > 0`` of the ``"logmeanexp"`` bound.
         log_weights: ``(M, B)`` ``log pi``, normalised over ``m`` by the caller (the op does
             not renormalise), in the loss dtype (below). ``-inf`` marks a component of weight 0:
-            it adds nothing to the loss and gets zero gradients. ``None``: ``log(1 / M)`` each.
+            it adds nothing to the loss and gets zero gradients; an example with no component
+            of positive weight gets the bound's value there (``"logmeanexp"``: ``-T log 0 =
+            +inf``; ``"jensen"``: 0) and zero gradients. ``None``: ``log(1 / M)`` each.
 
     Returns:
         ``(B,)`` in float32 for half inputs, else the dtype of ``pred``. Differentiable in
