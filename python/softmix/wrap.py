@@ -444,9 +444,10 @@ class SMD(nn.Module):
         Returns the denoiser's output with batch ``M * B`` (sample-major: ``m * B + b``).
         With output-only injection the backbone runs once on ``B`` examples and the head and
         last layer on ``M * B`` (the head's ``W_out`` folded into a plain Linear or Conv last
-        layer, so the ``M`` samples cost ``D`` channels each, not ``C``); otherwise ``x_t``, ``t`` and every tensor keyword argument of
-        batch ``B`` are repeated ``M`` times and the denoiser runs on ``M * B``. ``latent``:
-        the ``M * B`` latents ``z`` themselves, in place of ``eta`` (the identifier is skipped).
+        layer, so the ``M`` samples cost ``D`` channels each, not ``C``); otherwise ``x_t``,
+        ``t`` and every tensor keyword argument of batch ``B`` are repeated ``M`` times and the
+        denoiser runs on ``M * B``. ``latent``: the ``M * B`` latents ``z`` themselves, in
+        place of ``eta`` (the identifier is skipped).
         """
         b = x_t.shape[0]
         given = eta if latent is None else latent
