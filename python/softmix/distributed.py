@@ -109,7 +109,32 @@ def cleanup(wait: bool = True) -> None:
     if is_initialized():
         if wait:
             barrier()
+            _wait_until_every_rank_left_the_barrier()
         dist.destroy_process_group()
+
+
+def _wait_until_every_rank_left_the_barrier(timeout_s: float = 60.0) -> None:
+    """Count the ranks past the final barrier in the rendezvous store, and return when all are.
+
+    A gloo barrier can return on one rank while a peer is still finishing it; tearing gloo
+    down then can still abort that peer (seen once in CI, 2026-11-29, after 20 training steps
+    on 2 processes). The store is outside gloo, so once every rank has counted itself here, no
+    rank is inside a gloo collective any more.
+    """
+    import time
+
+    world = dist.get_world_size()
+    if world == 1:
+        return
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):  # a private helper: gone in some torch, keep the barrier alone
+        return
+    key = "softmix/left-final-barrier"
+    count, deadline = store.add(key, 1), time.monotonic() + timeout_s
+    while count % world and time.monotonic() < deadline:  # % world: a later group in this job counts on
+        time.sleep(0.01)
+        count = store.add(key, 0)
 
 
 def rank() -> int:
