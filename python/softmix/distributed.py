@@ -10,6 +10,7 @@ single process, so the trainer has one code path.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,8 +122,6 @@ def _wait_until_every_rank_left_the_barrier(timeout_s: float = 60.0) -> None:
     on 2 processes). The store is outside gloo, so once every rank has counted itself here, no
     rank is inside a gloo collective any more.
     """
-    import time
-
     world = dist.get_world_size()
     if world == 1:
         return

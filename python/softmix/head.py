@@ -237,14 +237,17 @@ class SMDHead(nn.Module):
         features, and never go through ``W_out``. Batch ``M * B``, sample-major.
         """
         y, fan = self._transformed_rows(h, z)
+        folded = self._out_through(layer).to(y.dtype)  # (F_out | C_out, D, *kernel)
         if type(layer) is nn.Linear:
-            folded = layer.weight @ self.w_out.weight  # (F_out, D)
-            delta = (y @ folded.to(y.dtype).T).reshape(fan, *out.shape)
+            delta = (y @ folded.T).reshape(fan, *out.shape)
         else:
-            folded = torch.einsum("oc...,cd->od...", layer.weight, self.w_out.weight)  # (C_out, D, *kernel)
             y_map = self._unrows(y, torch.Size((fan * h.shape[0], self.latent_dim, *h.shape[2:])))
-            delta = layer._conv_forward(y_map, folded.to(y.dtype), None).reshape(fan, *out.shape)
+            delta = layer._conv_forward(y_map, folded, None).reshape(fan, *out.shape)
         return (out.unsqueeze(0) + delta).reshape(fan * out.shape[0], *out.shape[1:])
+
+    def _out_through(self, layer: nn.Module) -> torch.Tensor:
+        """``layer``'s weight times ``W_out``: ``(F_out, D)`` or ``(C_out, D, *kernel)``."""
+        return torch.einsum("oc...,cd->od...", layer.weight, self.w_out.weight)
 
     def transform_matrices(self, latents: torch.Tensor) -> torch.Tensor:
         """``(K, D, D)``: the linear map ``r -> latent_transform(r, v(z_k), s)`` of each latent
@@ -266,17 +269,15 @@ class SMDHead(nn.Module):
         Linear / Conv on the ``B`` examples' features, with nothing computed per component and
         position.
         """
-        k = latents.shape[0]
+        k, b = latents.shape[0], h.shape[0]
         m = self.transform_matrices(latents.to(h.dtype))  # (K, D, D)
-        b = h.shape[0]
+        # (K, F_out | C_out, C, *kernel): layer o W_out o M_k o W_in for each component
+        folded = torch.einsum("od...,kde,ef->kof...", self._out_through(layer), m, self.w_in.weight)
+        folded = folded.flatten(0, 1).to(h.dtype)
         if type(layer) is nn.Linear:
-            folded = torch.einsum("oc,cd,kde,ef->kof", layer.weight, self.w_out.weight, m, self.w_in.weight)
-            delta = (h @ folded.reshape(-1, h.shape[-1]).T.to(h.dtype)).reshape(*h.shape[:-1], k, -1)
-            delta = delta.movedim(-2, 0)  # (K, B, ..., F_out)
+            delta = (h @ folded.T).reshape(*h.shape[:-1], k, -1).movedim(-2, 0)  # (K, B, ..., F_out)
         else:
-            outer = torch.einsum("oc...,cd->od...", layer.weight, self.w_out.weight)  # (C_out, D, *kernel)
-            folded = torch.einsum("od...,kde,ef->kof...", outer, m, self.w_in.weight)  # (K, C_out, C, *kernel)
-            delta = layer._conv_forward(h, folded.flatten(0, 1).to(h.dtype), None)  # (B, K * C_out, *S)
+            delta = layer._conv_forward(h, folded, None)  # (B, K * C_out, *S)
             delta = delta.reshape(b, k, -1, *delta.shape[2:]).transpose(0, 1)  # (K, B, C_out, *S)
         return (out.unsqueeze(0) + delta).reshape(k * b, *out.shape[1:])
 

@@ -70,9 +70,10 @@ DEFAULT_MIN_VARIANCE = 1e-3
 # plain model (high-quality share 43% vs 63%, 3 seeds): it helps at T <= 10. The categorical
 # identifier (SMD(identifier="categorical"), softmix.categorical), trained on its exact mixture
 # bound with x0 prediction, puts 99.7% of the 7x7 grid's samples on the modes at T = 4 and 62%
-# at T = 10 (K = 128, 3 seeds; plain: 28%) and 81-83% in 8-D and 32-D at T = 4 (K = 64, one
-# seed), but not on the grid at T = 20 or 50; it needs K of about the number of modes and x0
-# prediction, which SMD cannot know of: an option for few steps, not the default.
+# at T = 10 (K = 128, 3 seeds; plain: 28%) and 91% / 96% in 8-D / 32-D at T = 4 (K = 64,
+# 3 seeds), but not on the grid at T = 20 or 50, nor on digits (FD level with plain); it needs
+# K of about the number of modes and x0 prediction, which SMD cannot know of: an option for
+# few steps, not the default.
 DEFAULT_BOUND = "posterior"
 DEFAULT_NUM_SAMPLES = 16
 
