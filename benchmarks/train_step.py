@@ -202,7 +202,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        from softmix.loss import DEFAULT_BOUND
+        from softmix.loss import DEFAULT_BOUND, DEFAULT_CATEGORICAL_BOUND
 
         dev = args.device
         if dev.startswith("cuda"):
@@ -215,7 +215,8 @@ def main() -> None:
                 f"- command: `{command}`\n"
                 f"- backbone: {args.backbone}, batch {args.batch}, {args.channels}x{args.size}x{args.size}, "
                 f"width {args.hidden}; SMD latent D = {args.latent_dim}, L = {args.hyper_layers}; "
-                f"the library's default bound ({DEFAULT_BOUND!r}); Adam step included\n"
+                f"the library's default bounds ({DEFAULT_BOUND!r}; {DEFAULT_CATEGORICAL_BOUND!r} for the "
+                f"categorical rows); Adam step included\n"
                 f"- peak memory: {'CUDA max_memory_allocated' if dev.startswith('cuda') else 'peak RSS of a fresh process per row (includes the Python/torch baseline)'}\n\n"
                 f"{table}\n")
         backbone = "" if args.backbone == "conv" else f"-{args.backbone}"

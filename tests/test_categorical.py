@@ -100,6 +100,64 @@ def test_weights_learn_from_the_likelihood_and_components_from_the_bound(bound):
     torch.testing.assert_close(grad_logits.double(), expected, rtol=1e-4, atol=1e-6)
 
 
+def _x0_estimate(pred, x_t, a, prediction_type):
+    """The textbook ``x0`` implied by a prediction, ``x_t = sqrt(a) x0 + sqrt(1 - a) eps``."""
+    if prediction_type == "sample":
+        return pred
+    if prediction_type == "epsilon":
+        return (x_t - (1 - a).sqrt() * pred) / a.sqrt()
+    return a.sqrt() * x_t - (1 - a).sqrt() * pred  # v = sqrt(a) eps - sqrt(1 - a) x0
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "epsilon", "v_prediction"])
+def test_clean_bound_is_the_mixture_likelihood_of_x0_in_float64(prediction_type):
+    """``"clean"``: ``-log sum_k pi_k N(x0; x0_k, s^2 I)`` up to ``(F / 2) log(2 pi s^2)``, with
+    ``x0_k`` the ``x0`` each component's prediction implies."""
+    k_num, b, f, width = 3, 7, 2, 0.4
+    model = _categorical_model(k_num, seed=5)
+    s = NoiseSchedule(10)
+    x0, noise = torch.randn(b, f), torch.randn(b, f)
+    t = torch.randint(0, 10, (b,))
+    loss = softmix.training_loss(model, s, x0, bound="clean", clean_width=width, prediction_type=prediction_type,
+                                 t=t, noise=noise, reduction="none")
+
+    ref = model.double()
+    a = s.alphas_cumprod.double()[t].unsqueeze(1)
+    x_t = a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double()
+    with torch.no_grad():
+        x0_k = torch.stack([_x0_estimate(ref(x_t, t, eta=_forcing_eta(k, k_num, b)), x_t, a, prediction_type)
+                            for k in range(k_num)], 1)  # (B, K, F)
+        log_pi = torch.log_softmax(ref.identifier.logits(x_t, t), -1)  # (B, K)
+    log_lik = torch.distributions.Normal(x0_k, width).log_prob(x0.double().unsqueeze(1)).sum(-1)  # (B, K)
+    expected = -torch.logsumexp(log_pi + log_lik, -1) - 0.5 * f * math.log(2 * math.pi * width**2)
+    assert expected.std() > 0.1  # examples differ: not a constant to match by accident
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-4, atol=1e-5)
+
+
+def test_the_default_bound_is_clean_for_a_categorical_identifier_and_posterior_otherwise():
+    s, x0, noise = NoiseSchedule(10), torch.randn(6, 2), torch.randn(6, 2)
+    t = torch.randint(0, 10, (6,))
+    kw = dict(t=t, noise=noise, prediction_type="sample", reduction="none")
+    model = _categorical_model(3, seed=6)
+    torch.testing.assert_close(softmix.training_loss(model, s, x0, **kw),
+                               softmix.training_loss(model, s, x0, bound="clean", **kw))
+    assert not torch.allclose(softmix.training_loss(model, s, x0, **kw),
+                              softmix.training_loss(model, s, x0, bound="posterior", **kw))
+    gaussian = SMD(MLPDenoiser(2, hidden=16, layers=1, fourier=0), latent_dim=4, inject="output")
+    torch.nn.init.normal_(gaussian.heads[0].w_out.weight)
+    eta = torch.randn(16 * 6, 2)
+    torch.testing.assert_close(softmix.training_loss(gaussian, s, x0, eta=eta, **kw),
+                               softmix.training_loss(gaussian, s, x0, eta=eta, bound="posterior", **kw))
+
+
+def test_clean_bound_rejects_a_width_that_is_not_positive():
+    model = _categorical_model(3)
+    x0 = torch.randn(4, 2)
+    for width in (0.0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="clean_width must be a positive number"):
+            softmix.training_loss(model, NoiseSchedule(4), x0, bound="clean", clean_width=width)
+
+
 def test_equal_weights_give_the_fused_mc_loss():
     torch.manual_seed(2)
     k_num, b = 4, 5

@@ -65,6 +65,17 @@ def test_sample_uses_the_prediction_type_the_model_was_trained_with(tmp_path, pr
     torch.testing.assert_close(torch.load(tmp_path / "s.pt"), expected)
 
 
+def test_train_with_the_clean_bound_keeps_its_width_in_the_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--data", "gmm", "--identifier", "categorical", "--num-components", "8",
+                 "--prediction-type", "sample", "--bound", "clean", "--clean-width", "0.05", "--out", str(out),
+                 *TINY]) == 0
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    assert cfg["bound"] == "clean" and cfg["clean_width"] == 0.05
+    _, _, loaded, _ = load_trained(out)
+    assert loaded.clean_width == 0.05
+
+
 def test_resume_continues_the_step_counter(tmp_path):
     out = tmp_path / "run"
     main(["train", "--data", "gmm-ring", "--plain", "--out", str(out), *TINY])
@@ -98,6 +109,7 @@ def test_bad_arguments_give_clear_messages(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     _fails(["train", "--data", str(tmp_path / "empty"), "--out", out], capsys, "holds no images")
     _fails(["train", "--iters", "0", "--out", out], capsys, "expected a positive integer")
+    _fails(["train", "--bound", "clean", "--clean-width", "0", "--out", out], capsys, "expected a positive number")
     _fails(["train", "--schedule", "quadratic", "--out", out], capsys, "invalid choice")
     _fails(["train", "--out", out, "--inject", "nope", *TINY], capsys, "no module named 'nope'")
     _fails(["compare", "--num-steps", "10", "--sample-steps", "20", "--out", out], capsys, "larger than")

@@ -48,6 +48,40 @@ def test_smd_loss_equals_the_reference_bound_for_fixed_eta():
                      <= softmix.training_loss(model, s, x0, bound="jensen", **kw) + 1e-6)
 
 
+def test_clean_bound_is_the_monte_carlo_likelihood_of_x0_for_smd_and_plain_models():
+    """``"clean"`` for ``M`` samples of eta: ``-log mean_m N(x0; x0_m, s^2 I)`` up to ``(F / 2)
+    log(2 pi s^2)``; for a plain denoiser (``M = 1``): ``|x0 - x0_hat|^2 / (2 s^2)``, float64."""
+    import math
+
+    torch.manual_seed(4)
+    model = SMD(MLPDenoiser(2, hidden=16, layers=1), latent_dim=4, inject="output")
+    torch.nn.init.normal_(model.heads[0].w_out.weight)
+    s = NoiseSchedule(20)
+    b, m, width = 8, 3, 0.5
+    x0, noise, t = torch.randn(b, 2), torch.randn(b, 2), torch.randint(0, 20, (b,))
+    eta = torch.randn(m * b, 2)
+    loss = softmix.training_loss(model, s, x0, num_samples=m, bound="clean", clean_width=width, t=t, noise=noise,
+                                 eta=eta, reduction="none")
+    ref = model.double()
+    a = s.alphas_cumprod.double()[t].unsqueeze(1)
+    x_t = a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double()
+    with torch.no_grad():
+        eps_m = torch.stack([ref(x_t, t, eta=eta[i * b:(i + 1) * b].double()) for i in range(m)])  # (M, B, F)
+    x0_m = (x_t - (1 - a).sqrt() * eps_m) / a.sqrt()
+    log_lik = torch.distributions.Normal(x0_m, width).log_prob(x0.double()).sum(-1)  # (M, B)
+    const = math.log(2 * math.pi * width**2)  # (F / 2) log(2 pi s^2) with F = 2
+    expected = -(torch.logsumexp(log_lik, 0) - math.log(m)) - const
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-4, atol=1e-5)
+
+    net = MLPDenoiser(2, hidden=16, layers=1)
+    loss = softmix.training_loss(net, s, x0, bound="clean", clean_width=width, t=t, noise=noise,
+                                 prediction_type="sample", reduction="none")
+    with torch.no_grad():
+        x0_hat = net.double()(x_t, t)
+    torch.testing.assert_close(loss.double(), (x0_hat - x0.double()).square().sum(-1) / (2 * width**2),
+                               rtol=2e-4, atol=1e-6)
+
+
 def test_output_only_injection_runs_the_backbone_once():
     net = CountingMLP()
     model = SMD(net, latent_dim=4, inject="output", in_channels=2)

@@ -4,7 +4,8 @@ aggregation over seeds, and markdown tables.
 A *variant* is written as ``name`` or ``name:key=value,key=value`` on the command line, e.g.
 ``smd:bound=posterior,M=16`` or ``plain:hidden=136``. Keys (see ``Variant``):
 
-- ``smd`` (0/1), ``bound`` (``jensen`` | ``logmeanexp`` | ``posterior`` | ``elbo``: the per-step
+- ``smd`` (0/1), ``bound`` (``jensen`` | ``logmeanexp`` | ``posterior`` | ``clean``, with ``width``
+  its component width | ``elbo``: the per-step
   conditional VAE of ``softmix.posterior``, with ``klw`` its KL weight), ``M`` (Monte Carlo
   samples of eta), ``temp`` (temperature), ``minvar`` (the ``posterior`` bound's variance floor);
 - ``inject`` (``output`` | ``auto`` = input and output), ``latent`` (SMD latent size D),
@@ -25,7 +26,15 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
   learned factor per timestep, ``exp(a(t))``, 1 at init: the true weights' logits at the last
   step of T = 20 are about 30 times as steep in ``x_t`` as at T = 4); ``idff`` (n: the
   identifier's logits see ``n`` random Fourier features of ``x_t``, at the backbone's scale
-  ``ffs``, as the backbone does, not ``x_t`` alone; vectors only);
+  ``ffs``, as the backbone does, not ``x_t`` alone; vectors only); ``wt`` (a weight per step on
+  each example's loss, outside the bound, so that the mixture likelihood keeps its sharpness:
+  ``snr1`` ``1 + SNR_t``, which makes an ``x0`` loss the size of the ``v`` loss; ``snr`` ``SNR_t``,
+  the size of the ``eps`` loss; ``min5`` ``min(1 + SNR_t, 5)``; ``SNR_t = alpha_bar_t / (1 -
+  alpha_bar_t)``); ``iw`` (a constant weight ``w`` inside the bound: with ``bound=logmeanexp``,
+  ``-log sum_k pi_k exp(-w e_k)``, the likelihood of ``x0`` under Gaussians of variance
+  ``F / (2 w)`` around the components' ``x0`` predictions: the library's ``bound=clean`` at
+  ``width = sqrt(F / (2 w))``); ``xnoise`` (1, with ``pred=sample``: the sampler draws ``x0``
+  from ``N(x0_k, width^2 I)``, the "clean" bound's component, instead of taking ``x0_k``);
 - ``hidden``, ``layers``, ``ff``, ``ffs`` (backbone; Fourier features and their scale), ``bs`` (batch size), ``lr``, ``method`` (sampler: ``ddpm`` | ``ddim``),
   ``pred`` (what the model predicts: ``epsilon`` | ``sample`` | ``v_prediction`` | ``mixed``:
   ``x0`` on the last step, ``t = 0``, and ``eps`` on the others; for ``plain`` and ``cat``).
@@ -81,6 +90,10 @@ class Variant:
     wdiv: bool = False  # cat: the weights' gradient divided by k_t (the library before 2026-11-29)
     lscale: bool = False  # cat: logits times a learned exp(a(t)) (exploration)
     idff: int = 0  # cat: Fourier features of x_t for the identifier's logits (exploration)
+    wt: str = ""  # a per-step weight outside the bound: snr1 | snr | min5 (exploration)
+    iw: float = 0.0  # > 0: a constant weight inside the bound (exploration)
+    width: float = softmix.loss.DEFAULT_CLEAN_WIDTH  # the "clean" bound's component width
+    xnoise: bool = False  # sampling, pred=sample: x0 drawn from N(x0_k, width^2), not x0_k (exploration)
     hidden: int = 128
     layers: int = 3
     ff: int = 64  # random Fourier features of the input (MLPDenoiser(fourier=...)); 0: none
@@ -104,11 +117,11 @@ class Variant:
         for k, v in kv.items():
             if k not in types or k in ("name", "extra"):
                 raise ValueError(f"unknown variant key {k!r} in {text!r}")
-            if k in ("smd", "noeta", "addz", "catlast", "wdiv", "lscale"):
+            if k in ("smd", "noeta", "addz", "catlast", "wdiv", "lscale", "xnoise"):
                 out[k] = v not in ("0", "false", "False", "")
             elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim", "discrete", "cat", "idff"):
                 out[k] = int(v)
-            elif k in ("temp", "minvar", "lr", "klw", "ffs", "winit", "t0frac"):
+            elif k in ("temp", "minvar", "lr", "klw", "ffs", "winit", "t0frac", "iw", "width"):
                 out[k] = float(v)
             else:
                 out[k] = v
@@ -203,6 +216,19 @@ class LastStepX0(nn.Module):
         return _per_step(t, eps, out)
 
 
+class WidthNoise(nn.Module):
+    """``xnoise=1`` for the sampler: the ``x0`` estimate plus ``width`` times standard normal
+    noise, a draw from the component ``N(x0_k, width^2 I)`` of the "clean" bound's model."""
+
+    def __init__(self, model: nn.Module, width: float, generator: torch.Generator):
+        super().__init__()
+        self._orig_mod, self.width, self.generator = model, width, generator
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        out = self._orig_mod(x_t, t, **kwargs)
+        return out + self.width * torch.randn(out.shape, generator=self.generator).to(out)
+
+
 def categorical_loss(model: SMD, schedule: NoiseSchedule, x0: torch.Tensor, gen: torch.Generator,
                      min_variance: float, prediction_type: str = "epsilon", last_step_only: bool = False,
                      weights_divided: bool = False) -> torch.Tensor:
@@ -272,6 +298,18 @@ def add_identifier_fourier(identifier: CategoricalIdentifier, features: int, n: 
     identifier.features = nn.Linear(features + 2 * n, identifier.features.out_features)
 
 
+def loss_weight(kind: str, schedule: NoiseSchedule) -> torch.Tensor | None:
+    """The exploration key ``wt``: a weight per timestep ``(T,)``, or None for none."""
+    if not kind:
+        return None
+    a = schedule.alphas_cumprod.double()
+    snr = a / (1 - a)
+    weights = {"snr1": 1 + snr, "snr": snr, "min5": (1 + snr).clamp(max=5.0)}
+    if kind not in weights:
+        raise ValueError(f"unknown wt {kind!r}; expected one of {sorted(weights)}")
+    return weights[kind].float()
+
+
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -293,8 +331,11 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
     if encoder is not None:
         kw = dict(kl_weight=v.klw, min_variance=v.minvar)
     elif v.smd:
-        kw = dict(num_samples=v.M, bound=v.bound, temperature=v.temp, min_variance=v.minvar)
+        kw = dict(num_samples=v.M, bound=v.bound, temperature=v.temp, min_variance=v.minvar, clean_width=v.width)
     kw["prediction_type"] = v.pred
+    if v.iw:
+        kw["weight"] = lambda t: torch.full(t.shape, v.iw)
+    step_weight = loss_weight(v.wt, schedule)
     t0 = time.perf_counter()
     for _ in range(iters):
         x0 = draw_batch(v.bs, gen)
@@ -310,7 +351,12 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
             if v.t0frac:
                 t = schedule.sample_timesteps(x0.shape[0], generator=gen)
                 kw["t"] = torch.where(torch.rand(x0.shape[0], generator=gen) < v.t0frac, 0, t)
-            loss = softmix.training_loss(model, schedule, x0, generator=gen, **kw)
+            if step_weight is None:
+                loss = softmix.training_loss(model, schedule, x0, generator=gen, **kw)
+            else:
+                kw["t"] = schedule.sample_timesteps(x0.shape[0], generator=gen)
+                per_example = softmix.training_loss(model, schedule, x0, generator=gen, reduction="none", **kw)
+                loss = (per_example * step_weight[kw["t"]]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -326,6 +372,10 @@ def draw_samples(model: nn.Module, v: Variant, schedule: NoiseSchedule, shape, s
     pred = v.pred
     if pred == "mixed":
         model, pred = LastStepX0(model, schedule), "epsilon"
+    if v.xnoise:
+        if pred != "sample":
+            raise ValueError(f"{v.name}: xnoise needs pred=sample")
+        model = WidthNoise(model, v.width, torch.Generator().manual_seed(20_000 + seed))
     return softmix.sample(model, schedule, shape, steps=schedule.num_steps, method=v.method, generator=g,
                           prediction_type=pred, progress=False)
 

@@ -10,8 +10,10 @@ learned codes, picked with probabilities ``pi(x_t, t) = softmax(logits(x_t, t))`
 ``g_k`` is standard Gumbel noise made from ``eta ~ N(0, I_K)`` (``Phi`` the normal CDF), so
 ``k ~ Cat(pi)`` (the Gumbel-max trick) and the identifier is, as any SMD identifier, a
 deterministic map of ``(eta, x_t, t)``: ``softmix.sample`` runs it unchanged. Training
-enumerates the ``K`` components and uses the exact mixture likelihood of the step
-(``softmix.training_loss``; ``SMD.forward(..., components=True)``).
+enumerates the ``K`` components and takes the exact likelihood of the finite mixture
+(``softmix.training_loss``; ``SMD.forward(..., components=True)``): by default that of the
+clean sample ``x0`` (``bound="clean"``), with each component's ``x0`` estimate the centre of a
+narrow Gaussian, which works with ``prediction_type="sample"``.
 """
 
 from __future__ import annotations

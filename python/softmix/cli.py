@@ -54,7 +54,7 @@ def _steps_list(text: str) -> list[int]:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     from softmix.categorical import DEFAULT_NUM_COMPONENTS
-    from softmix.loss import BOUNDS
+    from softmix.loss import BOUNDS, DEFAULT_CLEAN_WIDTH
     from softmix.schedule import PREDICTION_TYPES, SCHEDULE_KINDS
     from softmix.train import IDENTIFIERS, PRECISIONS
 
@@ -75,11 +75,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=_positive_int, default=None, help="Monte Carlo samples M of eta")
     p.add_argument("--identifier", choices=IDENTIFIERS, default="gaussian",
                    help="gaussian: z = g(eta, x_t, t), the paper's (default) | categorical: K learned codes "
-                        "with x_t-dependent weights, trained on the exact mixture likelihood")
+                        "with x_t-dependent weights, trained on the exact mixture likelihood of x0 "
+                        "(use with --prediction-type sample)")
     p.add_argument("--num-components", type=_positive_int, default=DEFAULT_NUM_COMPONENTS,
                    help=f"K of --identifier categorical (default {DEFAULT_NUM_COMPONENTS}; at least about the number of modes)")
-    p.add_argument("--bound", choices=BOUNDS, default=None, help="training bound (default: the library's)")
+    p.add_argument("--bound", choices=BOUNDS, default=None,
+                   help="training bound (default: the library's, posterior; clean for --identifier categorical)")
     p.add_argument("--temperature", type=_positive_float, default=1.0)
+    p.add_argument("--clean-width", type=_positive_float, default=DEFAULT_CLEAN_WIDTH,
+                   help=f"--bound clean: each component's width around its x0 estimate, in data units "
+                        f"(default {DEFAULT_CLEAN_WIDTH})")
     p.add_argument("--ema-decay", type=float, default=0.995)
     p.add_argument("--hidden", type=_positive_int, default=128, help="backbone width")
     p.add_argument("--layers", type=_positive_int, default=3, help="backbone depth")
@@ -177,7 +182,7 @@ def _config_from_args(args, smd: bool):
         num_steps=args.num_steps, schedule=args.schedule, prediction_type=args.prediction_type,
         smd=smd, latent_dim=args.latent_dim, hyper_layers=args.hyper_layers, inject=inject,
         num_samples=args.num_samples, bound=args.bound, temperature=args.temperature,
-        identifier=args.identifier, num_components=args.num_components,
+        clean_width=args.clean_width, identifier=args.identifier, num_components=args.num_components,
         ema_decay=args.ema_decay, seed=args.seed, hidden=args.hidden, layers=args.layers,
         fourier=args.fourier,
         num_data=args.num_data, image_size=args.image_size, channels=args.channels, device=args.device,

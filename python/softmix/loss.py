@@ -18,6 +18,16 @@ SMD latent noise ``eta`` and reduces them with ``softmix.ops.mc_loss``:
   mixture keeps its modes); where it is wide (many steps) ``k_t`` is small and the bound is
   the Jensen bound (the mixture may collapse to the plain model, which is then right).
 
+- ``bound="clean"``: the mixture's likelihood of the *clean sample* ``x0`` rather than of the
+  step: ``-T log mean_m exp(-c_t w e_m / T)`` with ``c_t = F g_t^2 / (2 s^2)``
+  (``clean_precision``), which is ``-log mean_m N(x0; x0_m, s^2 I)`` up to a constant at
+  ``T = 1``: each sample's ``x0`` estimate ``x0_m`` is a component of width ``s``
+  (``clean_width``), and ``g_t`` turns the prediction's error into that of ``x0``. Unlike the
+  step's own sharpness ``k_t``, which falls fast with the step size (at T = 20 the middle steps'
+  likelihood barely tells the modes of the 7x7 grid apart), ``c_t`` is the same at every step in
+  ``x0`` units, so every step's mixture learns the modes of ``q(x0 | x_t)``; the sampler then
+  draws one ``x0`` estimate and takes the DDPM step to it, which is exact when the mixture is.
+
 with ``e_m = mean (pred_m - target)^2``. A plain denoiser is evaluated once (``M = 1``): the
 ordinary "simple" DDPM loss.
 
@@ -25,7 +35,8 @@ An ``SMD`` model with a categorical identifier (``SMD(..., identifier="categoric
 finite mixture with weights ``pi_k(x_t, t)``: its ``K`` components are enumerated instead of
 sampled, and the bounds take the weights: ``"posterior"`` is the exact mixture likelihood
 ``-(T / k_t) log sum_k pi_k exp(-k_t w e_k / T)``, ``"logmeanexp"`` the same with ``k_t = 1``,
-``"jensen"`` ``w sum_k pi_k e_k`` (``categorical_bound``). Under ``"posterior"`` the weights
+``"jensen"`` ``w sum_k pi_k e_k``, ``"clean"`` ``-T log sum_k pi_k exp(-c_t w e_k / T)``
+(``categorical_bound``). Under ``"posterior"`` the weights
 learn from the likelihood itself, ``-T log sum_k pi_k exp(-k_t w e_k / T)``: dividing it by
 ``k_t`` gives the components the gradient scale of the plain loss, but would also divide the
 weights' gradient ``T (pi - r)`` (``r`` the responsibilities) by ``k_t``, 1000 at the last step
@@ -36,6 +47,7 @@ benchmarks/results/quality.md).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -45,14 +57,19 @@ from softmix import ops
 from softmix.schedule import NoiseSchedule
 from softmix.wrap import _unwrap, is_smd, model_output_tensor
 
-__all__ = ["training_loss", "step_precision", "categorical_bound", "DEFAULT_BOUND", "DEFAULT_NUM_SAMPLES",
-           "BOUNDS", "DEFAULT_MIN_VARIANCE"]
+__all__ = ["training_loss", "step_precision", "clean_precision", "categorical_bound", "DEFAULT_BOUND",
+           "DEFAULT_CATEGORICAL_BOUND", "DEFAULT_NUM_SAMPLES", "BOUNDS", "DEFAULT_MIN_VARIANCE", "DEFAULT_CLEAN_WIDTH"]
 
-BOUNDS = ("jensen", "logmeanexp", "posterior")
+BOUNDS = ("jensen", "logmeanexp", "posterior", "clean")
 # The posterior variance of the last step (x_1 -> x_0) is 0; the "posterior" bound floors the
 # per-step variance at this value (data scaled to [-1, 1]: about the variance of one mode of
 # the 7x7 toy, (0.033)^2).
 DEFAULT_MIN_VARIANCE = 1e-3
+# The "clean" bound's component width in data units (data scaled to [-1, 1]). On the 7x7 toy
+# (mode std 0.033; categorical identifier, x0 prediction, T = 4, 3 seeds) narrower is better:
+# width 0.1 / 0.06 / 0.03 / 0.015: 78% / 84% / 95% / 100% of the samples on the modes; at
+# T = 10 and 20, 0.015 and 0.03 measure alike (benchmarks/results/quality.md).
+DEFAULT_CLEAN_WIDTH = 0.015
 # The library's recommended configuration, from issue 4's experiments
 # (benchmarks/results/quality.md: 7x7 grid of Gaussians, trained and sampled at T steps,
 # 3 seeds):
@@ -67,15 +84,21 @@ DEFAULT_MIN_VARIANCE = 1e-3
 #   9.0 / 12.4 ms per step with output-only injection (the backbone runs once for all M).
 # Neither bound raises the share of samples within 3 std of a mode at T = 4 (about 29% for
 # SMD and the plain model): see the results page. At T = 50 "posterior" is worse than the
-# plain model (high-quality share 43% vs 63%, 3 seeds): it helps at T <= 10. The categorical
-# identifier (SMD(identifier="categorical"), softmix.categorical), trained on its exact mixture
-# bound with x0 prediction, puts 99.7% of the 7x7 grid's samples on the modes at T = 4 and 62%
-# at T = 10 (K = 128, 3 seeds; plain: 28%) and 91% / 96% in 8-D / 32-D at T = 4 (K = 64,
-# 3 seeds), but not on the grid at T = 20 or 50, nor on digits (FD level with plain); it needs
-# K of about the number of modes and x0 prediction, which SMD cannot know of: an option for
-# few steps, not the default.
+# plain model (high-quality share 43% vs 63%, 3 seeds): it helps at T <= 10.
+# A categorical identifier (SMD(identifier="categorical"), softmix.categorical) with x0
+# prediction and the "clean" bound (its default) puts 97-100% of the 7x7 grid's samples on the
+# modes at T = 4, 10, 20 and 50 (3 seeds; plain: 28-63%), and the "posterior" bound does only
+# up to T = 4 (62% at T = 10, 30% at T = 20 and 50). Under "posterior" the steps t >= 1 of a
+# longer chain barely tell the modes apart (k_t small): there the components, shared by every
+# step, regress the posterior mean, and at T = 20 they sit off the modes at t = 0 as well,
+# where drawing from the exact posterior at that step alone would put 99% on them. It stays an
+# option, not the default: it needs x0 prediction (with eps or v: 25-28% at T = 10), which the
+# wrapper cannot choose, K of about the number of modes and a width that suits the data, and
+# at T = 1000 it is worse than plain (too few modes). On digits it lowers the FD to 0.36x the
+# plain model's at T = 4 but not at T = 10 (1.02x-1.50x, by width).
 DEFAULT_BOUND = "posterior"
 DEFAULT_NUM_SAMPLES = 16
+DEFAULT_CATEGORICAL_BOUND = "clean"
 
 
 def step_precision(
@@ -114,6 +137,40 @@ def step_precision(
     return (features * c.square() / (2 * var)).float()
 
 
+def clean_precision(
+    schedule: NoiseSchedule,
+    t: torch.Tensor,
+    features: int,
+    prediction_type: str = "epsilon",
+    width: float = DEFAULT_CLEAN_WIDTH,
+) -> torch.Tensor:
+    """``c_t (B,)``: the sharpness of ``N(x0; x0_hat, width^2 I)`` in units of the model's
+    mean-squared prediction error, ``c_t = F g_t^2 / (2 width^2)``.
+
+    ``g_t`` is the error of ``x0_hat`` per unit error of the prediction: ``sample``: 1;
+    ``epsilon``: ``sqrt(1 - alpha_bar_t) / sqrt(alpha_bar_t)``; ``v_prediction``:
+    ``sqrt(1 - alpha_bar_t)`` (from ``x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps``).
+    """
+    try:
+        ok = math.isfinite(float(width)) and float(width) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"clean_width must be a positive number, got {width!r}")
+    width = float(width)
+    t = torch.as_tensor(t).long().cpu()
+    a_t = schedule.alphas_cumprod.double()[t]
+    if prediction_type == "sample":
+        g2 = torch.ones_like(a_t)
+    elif prediction_type == "epsilon":
+        g2 = (1 - a_t) / a_t
+    elif prediction_type == "v_prediction":
+        g2 = 1 - a_t
+    else:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    return (features * g2 / (2 * width**2)).float()
+
+
 def randn_on(shape: torch.Size, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Standard normal noise of ``shape``, drawn on the generator's device, put on ``like``'s."""
     device = generator.device if generator is not None else like.device
@@ -148,6 +205,7 @@ def training_loss(
     prediction_type: str = "epsilon",
     *,
     min_variance: float = DEFAULT_MIN_VARIANCE,
+    clean_width: float = DEFAULT_CLEAN_WIDTH,
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     eta: torch.Tensor | None = None,
@@ -166,8 +224,9 @@ def training_loss(
         num_samples: ``M``, samples of ``eta`` per example (SMD only); default
             ``DEFAULT_NUM_SAMPLES`` (a categorical identifier enumerates its ``K`` components:
             ``None`` or ``K``).
-        bound: ``"jensen"``, ``"logmeanexp"`` or ``"posterior"``; default ``DEFAULT_BOUND``.
-        temperature: ``T`` of the ``"logmeanexp"`` and ``"posterior"`` bounds.
+        bound: ``"jensen"``, ``"logmeanexp"``, ``"posterior"`` or ``"clean"``; default
+            ``DEFAULT_BOUND``, or ``DEFAULT_CATEGORICAL_BOUND`` for a categorical identifier.
+        temperature: ``T`` of the ``"logmeanexp"``, ``"posterior"`` and ``"clean"`` bounds.
         prediction_type: what the model predicts: ``epsilon`` | ``v_prediction`` | ``sample``.
         t, noise, eta: fix the timesteps ``(B,)``, the noise ``(B, ...)`` or the latent noise
             ``(M * B, ...)`` (sample-major) instead of drawing them.
@@ -175,6 +234,8 @@ def training_loss(
         generator: draws ``t``, ``noise`` and ``eta``.
         reduction: ``"mean"`` (a scalar) or ``"none"`` (``(B,)``).
         min_variance: floor of the per-step variance in the ``"posterior"`` bound.
+        clean_width: ``s``, the width of each component around its ``x0`` estimate in the
+            ``"clean"`` bound, in data units.
         **model_kwargs: passed to the model (``encoder_hidden_states``, ``class_labels``...).
 
     When the only injection point is before the model's last layer (``inject="output"``),
@@ -184,7 +245,9 @@ def training_loss(
     ``SMDHead.through_layer_shared``); otherwise the ``M`` samples are batched through the
     whole model.
     """
-    bound = DEFAULT_BOUND if bound is None else bound
+    smd = _unwrap(model) if is_smd(model) else None
+    if bound is None:
+        bound = DEFAULT_CATEGORICAL_BOUND if smd is not None and smd.categorical else DEFAULT_BOUND
     if bound not in BOUNDS:
         raise ValueError(f"unknown bound {bound!r}; expected one of {BOUNDS}")
     if reduction not in ("mean", "none"):
@@ -192,7 +255,6 @@ def training_loss(
     b, device = x0.shape[0], x0.device
     t, x_t, target = noised_batch(schedule, x0, prediction_type, t, noise, generator)
 
-    smd = _unwrap(model) if is_smd(model) else None
     if smd is not None and smd.categorical:
         num = smd.identifier.num_components
         if num_samples is not None and int(num_samples) != num:
@@ -228,6 +290,9 @@ def training_loss(
     k = None
     if bound == "posterior":
         k = step_precision(schedule, t, x0[0].numel(), prediction_type, min_variance).to(device, w_dtype)
+    if bound == "clean":  # the logmeanexp bound at x0's sharpness: its value is the likelihood itself
+        c = clean_precision(schedule, t, x0[0].numel(), prediction_type, clean_width).to(device, w_dtype)
+        bound, w = "logmeanexp", w * c
     if smd is not None and smd.categorical:
         log_weights, smd.last_log_weights = smd.last_log_weights, None  # taken, so the model holds no graph
         if k is not None:

@@ -61,7 +61,7 @@ from softmix.checkpoint import (
 )
 from softmix.data import load_data
 from softmix.ema import EMA
-from softmix.loss import DEFAULT_NUM_SAMPLES, training_loss
+from softmix.loss import DEFAULT_CLEAN_WIDTH, DEFAULT_NUM_SAMPLES, training_loss
 from softmix.nets import ConvDenoiser, MLPDenoiser
 from softmix.schedule import NoiseSchedule
 from softmix.wrap import SMD
@@ -108,6 +108,7 @@ class TrainConfig:
     num_samples: int | None = None  # None: the library default
     bound: str | None = None
     temperature: float = 1.0
+    clean_width: float = DEFAULT_CLEAN_WIDTH  # the "clean" bound's component width (data units)
     ema_decay: float = 0.995
     seed: int = 0
     hidden: int = 128  # backbone width
@@ -148,6 +149,8 @@ class TrainConfig:
             raise ValueError(f"identifier must be one of {IDENTIFIERS}, got {self.identifier!r}")
         if self.num_components < 1:
             raise ValueError(f"num_components must be a positive integer, got {self.num_components}")
+        if not (math.isfinite(self.clean_width) and self.clean_width > 0):
+            raise ValueError(f"clean_width must be a positive number, got {self.clean_width}")
 
 
 class NonFiniteError(FloatingPointError):
@@ -334,7 +337,8 @@ class Trainer:
             loss = training_loss(
                 self.forward_model, self.schedule, batch["x0"],
                 num_samples=cfg.num_samples, bound=cfg.bound, temperature=cfg.temperature,
-                prediction_type=cfg.prediction_type, t=batch["t"], noise=batch["noise"], eta=batch.get("eta"),
+                clean_width=cfg.clean_width, prediction_type=cfg.prediction_type,
+                t=batch["t"], noise=batch["noise"], eta=batch.get("eta"),
             )
         self.optimizer.zero_grad(set_to_none=True)
         # every rank runs the backward pass, finite or not: DDP's gradient all-reduce is a

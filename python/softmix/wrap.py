@@ -183,7 +183,7 @@ class SMD(nn.Module):
             ``(B, D, *S)`` or ``(B, D)``; by default a small conv net for images, an MLP for
             vectors. ``"categorical"``: a ``CategoricalIdentifier`` with ``num_components``
             codes, a finite mixture whose weights depend on ``x_t`` and ``t`` (trained on the
-            exact mixture likelihood; see ``softmix.categorical``).
+            exact mixture likelihood, by default of ``x0``; see ``softmix.categorical``).
         in_channels: channels (or features) of ``x_t``; found from the denoiser when left
             ``None`` (``config.in_channels``, ``channels``, ``in_channels``, or the first layer).
         noise_channels: channels (features) of ``eta``; default those of ``x_t``.
