@@ -40,7 +40,7 @@ from common import markdown_table  # noqa: E402
 import softmix  # noqa: E402
 from softmix import NoiseSchedule  # noqa: E402
 from softmix.data import digits, gmm  # noqa: E402
-from softmix.metrics import frechet_distance, knn_precision_recall, mixture_metrics  # noqa: E402
+from softmix.metrics import mixture_metrics  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -78,7 +78,7 @@ class PosteriorOracle(nn.Module):
                             + a * self.points.square().sum(1)) / (1 - a)
             log_w = log_w - torch.logsumexp(log_w, dim=1, keepdim=True)
             w = log_w.exp()
-            entropy = -(w * log_w.clamp(min=-1e30)).sum(1)
+            entropy = -(w * log_w).sum(1)
             for step, h in zip(steps.tolist(), entropy.exp().tolist()):
                 self.effective.setdefault(int(step), []).append(h)
             pick = torch.multinomial(w.float(), 1, generator=self.generator).squeeze(1)
@@ -108,7 +108,6 @@ def main(argv=None) -> int:
     if args.data == "digits":
         from sklearn.datasets import load_digits
 
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from digits import image_metrics, train_classifier
 
         points, labels = digits(), torch.from_numpy(load_digits().target).long()
@@ -137,8 +136,7 @@ def main(argv=None) -> int:
             oracle = PosteriorOracle(points, schedule, mode, torch.Generator().manual_seed(args.seed + 1))
             x = softmix.sample(oracle, schedule, shape, steps=steps, generator=torch.Generator().manual_seed(args.seed),
                                prediction_type="sample", progress=False)
-            m = metrics(x)
-            m = {k: float(v) for k, v in m.items()}  # noqa: PLW2901
+            m = {k: float(v) for k, v in metrics(x).items()}
             m["effective_points"] = effective_by_step(oracle)
             results[f"{mode}@{steps}"] = m
             cells = [f"{m[k] * (100.0 if k == 'high_quality' else 1.0):.{d}f}" for _, k, d in columns]
