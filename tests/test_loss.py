@@ -1,6 +1,8 @@
 """training_loss: the DDPM loss for plain denoisers, the Monte Carlo SMD bounds, and the
 backbone running once for all samples with output-only injection."""
 
+import math
+
 import pytest
 import torch
 
@@ -51,8 +53,6 @@ def test_smd_loss_equals_the_reference_bound_for_fixed_eta():
 def test_clean_bound_is_the_monte_carlo_likelihood_of_x0_for_smd_and_plain_models():
     """``"clean"`` for ``M`` samples of eta: ``-log mean_m N(x0; x0_m, s^2 I)`` up to ``(F / 2)
     log(2 pi s^2)``; for a plain denoiser (``M = 1``): ``|x0 - x0_hat|^2 / (2 s^2)``, float64."""
-    import math
-
     torch.manual_seed(4)
     model = SMD(MLPDenoiser(2, hidden=16, layers=1), latent_dim=4, inject="output")
     torch.nn.init.normal_(model.heads[0].w_out.weight)

@@ -22,14 +22,15 @@ import common  # noqa: E402
 
 from softmix import NoiseSchedule  # noqa: E402
 from softmix.data import gmm  # noqa: E402
-from softmix.metrics import mixture_metrics  # noqa: E402
+from softmix.metrics import mixture_metrics, quality_radius  # noqa: E402
 
 
 def within_mode_std(x: torch.Tensor, mixture) -> float:
-    """Std per coordinate (mean over coordinates) of the samples within 3 std of their nearest
-    mode, around that mode's centre."""
+    """Std per coordinate (mean over coordinates) of the high-quality samples (as
+    ``mixture_metrics`` counts them: within ``quality_radius`` stds of their nearest mode),
+    around that mode's centre."""
     dist, nearest = torch.cdist(x, mixture.means).min(1)
-    good = dist < 3 * mixture.stds[nearest]
+    good = dist <= quality_radius(x.shape[1]) * mixture.stds[nearest]
     return float((x[good] - mixture.means[nearest[good]]).std(0).mean())
 
 

@@ -101,6 +101,19 @@ DEFAULT_NUM_SAMPLES = 16
 DEFAULT_CATEGORICAL_BOUND = "clean"
 
 
+def _x0_error_per_prediction_error(a_t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """``g_t``: the error of the ``x0`` a prediction implies, per unit error of the prediction
+    (``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``): ``sample`` 1; ``epsilon``
+    ``sqrt(1 - a_t) / sqrt(a_t)``; ``v_prediction`` ``sqrt(1 - a_t)``."""
+    if prediction_type == "sample":
+        return torch.ones_like(a_t)
+    if prediction_type == "epsilon":
+        return ((1 - a_t) / a_t).sqrt()
+    if prediction_type == "v_prediction":
+        return (1 - a_t).sqrt()
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
 def step_precision(
     schedule: NoiseSchedule,
     t: torch.Tensor,
@@ -114,7 +127,8 @@ def step_precision(
     The model's step mean is ``mu = mu_t(x_t, pred)``, affine in the prediction with slope
     ``c_t`` (``epsilon``: ``beta_t / (sqrt(alpha_t) sqrt(1 - alpha_bar_t))``; ``sample``:
     ``sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t)``; ``v_prediction``:
-    ``sqrt(alpha_bar_{t-1}) beta_t / sqrt(1 - alpha_bar_t)``), and its variance is the
+    ``sqrt(alpha_bar_{t-1}) beta_t / sqrt(1 - alpha_bar_t)``: the ``sample`` slope times the
+    ``x0`` error per prediction error), and its variance is the
     posterior variance ``sigma_t^2 = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t``
     (floored at ``min_variance``). With ``e = mean_F (pred - target)^2`` over ``F`` features,
     ``log N(mu(target); mu(pred), sigma_t^2 I) = -k_t e + const`` with
@@ -125,14 +139,7 @@ def step_precision(
     a_t = a[t]
     a_prev = torch.where(t > 0, a[(t - 1).clamp(min=0)], torch.ones_like(a_t))
     beta = 1 - a_t / a_prev
-    if prediction_type == "epsilon":
-        c = beta / ((1 - beta).sqrt() * (1 - a_t).sqrt())
-    elif prediction_type == "sample":
-        c = a_prev.sqrt() * beta / (1 - a_t)
-    elif prediction_type == "v_prediction":
-        c = a_prev.sqrt() * beta / (1 - a_t).sqrt()
-    else:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    c = a_prev.sqrt() * beta / (1 - a_t) * _x0_error_per_prediction_error(a_t, prediction_type)
     var = ((1 - a_prev) / (1 - a_t) * beta).clamp(min=min_variance)
     return (features * c.square() / (2 * var)).float()
 
@@ -157,18 +164,9 @@ def clean_precision(
         ok = False
     if not ok:
         raise ValueError(f"clean_width must be a positive number, got {width!r}")
-    width = float(width)
-    t = torch.as_tensor(t).long().cpu()
-    a_t = schedule.alphas_cumprod.double()[t]
-    if prediction_type == "sample":
-        g2 = torch.ones_like(a_t)
-    elif prediction_type == "epsilon":
-        g2 = (1 - a_t) / a_t
-    elif prediction_type == "v_prediction":
-        g2 = 1 - a_t
-    else:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}")
-    return (features * g2 / (2 * width**2)).float()
+    a_t = schedule.alphas_cumprod.double()[torch.as_tensor(t).long().cpu()]
+    g = _x0_error_per_prediction_error(a_t, prediction_type)
+    return (features * g.square() / (2 * float(width) ** 2)).float()
 
 
 def randn_on(shape: torch.Size, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
