@@ -8,6 +8,7 @@ import torch
 
 import softmix
 from softmix import SMD, CategoricalIdentifier, NoiseSchedule
+from softmix.head import timestep_embedding
 from softmix.loss import categorical_bound, step_precision
 from softmix.nets import ConvDenoiser, MLPDenoiser
 
@@ -289,13 +290,83 @@ def test_cli_trains_samples_and_resumes_a_categorical_model(tmp_path):
             "--latent-dim", "4", "--num-data", "256", "--no-progress"]
     out = tmp_path / "run"
     assert main(["train", "--data", "gmm", "--identifier", "categorical", "--num-components", "6", "--out", str(out),
-                 *tiny]) == 0
+                 "--identifier-fourier", "8", *tiny]) == 0
     model, schedule, cfg, shape = load_trained(out)
     assert model.categorical and model.identifier.num_components == 6 and cfg.identifier == "categorical"
+    assert cfg.identifier_fourier == 8 and model.identifier.fourier_features.n == 8
     assert main(["sample", "--checkpoint", str(out), "--num", "32", "--steps", "4", "--out", str(tmp_path / "s.pt"),
                  "--no-progress"]) == 0
     x = torch.load(tmp_path / "s.pt")
     assert x.shape == (32, 2) and torch.isfinite(x).all()
     assert main(["train", "--data", "gmm", "--identifier", "categorical", "--num-components", "6", "--out", str(out),
-                 "--resume", *tiny[:1], "20", *tiny[2:]]) == 0
+                 "--identifier-fourier", "8", "--resume", *tiny[:1], "20", *tiny[2:]]) == 0
     assert load_trained(out)[0].identifier.num_components == 6
+
+
+def test_vector_weights_see_random_fourier_features_of_x_t_in_float64():
+    torch.manual_seed(0)
+    ident = CategoricalIdentifier(3, 4, num_components=5, hidden=8, fourier=6, fourier_scale=1.5).double()
+    x_t, t = torch.randn(7, 3, dtype=torch.float64), torch.randint(0, 50, (7,))
+    # the textbook map with its own draw of W (seed 1, N(0, 1.5^2)), not the module's buffer
+    w = (torch.randn(3, 6, generator=torch.Generator().manual_seed(1)) * 1.5).double()  # drawn in float32
+    proj = 2 * math.pi * x_t @ w
+    feats = torch.cat([x_t, proj.sin(), proj.cos()], dim=1)
+    h = ident.features(feats) + ident.time(timestep_embedding(t, ident.time_dim).double())
+    torch.testing.assert_close(ident.logits(x_t, t), ident.logits_net(h), rtol=1e-12, atol=1e-12)
+    # W is not saved: a rebuilt identifier has the same one
+    rebuilt = CategoricalIdentifier(3, 4, num_components=5, hidden=8, fourier=6, fourier_scale=1.5)
+    assert "fourier_features.w" not in rebuilt.state_dict()
+    torch.testing.assert_close(rebuilt.fourier_features.w.double(), w)
+
+
+def test_fourier_features_are_an_option_for_vectors_and_bad_values_are_rejected():
+    assert SMD(MLPDenoiser(2, hidden=8, layers=1), identifier="categorical").identifier.fourier_features is None
+    assert SMD(MLPDenoiser(2, hidden=8, layers=1), identifier="categorical",
+               identifier_fourier=64).identifier.fourier_features.n == 64
+    with pytest.raises(ValueError, match=r"0 for images \(spatial_dims 2\)"):
+        SMD(ConvDenoiser(1, hidden=8, blocks=1, groups=4), identifier="categorical", num_components=3,
+            identifier_fourier=4)
+    with pytest.raises(ValueError, match="identifier_fourier=8 needs identifier='categorical'"):
+        SMD(MLPDenoiser(2, hidden=8, layers=1), identifier_fourier=8)
+    with pytest.raises(ValueError, match=r"fourier must be >= 0, and 0 for images \(spatial_dims 2\)"):
+        CategoricalIdentifier(1, 4, num_components=3, spatial_dims=2, fourier=4)
+    with pytest.raises(ValueError, match="fourier must be >= 0"):
+        CategoricalIdentifier(2, 4, num_components=3, fourier=-1)
+    for scale in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="fourier_scale must be a positive finite number"):
+            CategoricalIdentifier(2, 4, num_components=3, fourier=4, fourier_scale=scale)
+
+
+def test_checkpoints_keep_the_identifier_features_and_old_ones_load_without(tmp_path):
+    import json
+
+    x_t, t, eta = torch.randn(8, 2), torch.randint(0, 6, (8,)), torch.randn(8, 5)
+    for n in (7, 0):
+        torch.manual_seed(n)
+        model = SMD(MLPDenoiser(2, hidden=16, layers=1, fourier=0), latent_dim=4, inject="output",
+                    identifier="categorical", num_components=5, identifier_fourier=n, identifier_fourier_scale=0.5)
+        model.save_pretrained(tmp_path / f"f{n}")
+        loaded = SMD.from_pretrained(tmp_path / f"f{n}", denoiser=MLPDenoiser(2, hidden=16, layers=1, fourier=0))
+        assert (loaded.identifier.fourier_features.n if n else 0) == n
+        torch.testing.assert_close(loaded(x_t, t, eta=eta), model(x_t, t, eta=eta))
+    # a checkpoint written before the identifier had Fourier features: its config lacks the keys
+    path = tmp_path / "f0" / "smd_config.json"
+    config = json.loads(path.read_text())
+    del config["smd"]["identifier_fourier"], config["smd"]["identifier_fourier_scale"]
+    path.write_text(json.dumps(config))
+    old = SMD.from_pretrained(tmp_path / "f0", denoiser=MLPDenoiser(2, hidden=16, layers=1, fourier=0))
+    assert old.identifier.fourier_features is None
+    torch.testing.assert_close(old(x_t, t, eta=eta), model(x_t, t, eta=eta))
+
+
+def test_train_config_passes_the_identifier_features_and_defaults_to_none():
+    from softmix.train import TrainConfig, build_model
+
+    cfg = TrainConfig(identifier="categorical", num_components=4, hidden=8, layers=1, latent_dim=4,
+                      identifier_fourier=5, fourier_scale=3.0)
+    ident = build_model(cfg, (2,)).identifier
+    assert ident.fourier_features.n == 5 and ident.fourier_features.scale == 3.0
+    assert TrainConfig.from_dict({"identifier": "categorical"}).identifier_fourier == 0
+    assert build_model(TrainConfig(identifier="categorical", hidden=8, layers=1), (2,)).identifier.fourier_features is None
+    with pytest.raises(ValueError, match="identifier_fourier must be >= 0, got -2"):
+        TrainConfig(identifier_fourier=-2).validate()

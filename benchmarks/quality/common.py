@@ -26,7 +26,8 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
   learned factor per timestep, ``exp(a(t))``, 1 at init: the true weights' logits at the last
   step of T = 20 are about 30 times as steep in ``x_t`` as at T = 4); ``idff`` (n: the
   identifier's logits see ``n`` random Fourier features of ``x_t``, at the backbone's scale
-  ``ffs``, as the backbone does, not ``x_t`` alone; vectors only); ``wt`` (a weight per step on
+  ``ffs``, as the backbone does: ``SMD(..., identifier_fourier=n)``; 0, the default: ``x_t``
+  alone; vectors only); ``wt`` (a weight per step on
   each example's loss, outside the bound, so that the mixture likelihood keeps its sharpness:
   ``snr1`` ``1 + SNR_t``, which makes an ``x0`` loss the size of the ``v`` loss; ``snr`` ``SNR_t``,
   the size of the ``eps`` loss; ``min5`` ``min(1 + SNR_t, 5)``; ``SNR_t = alpha_bar_t / (1 -
@@ -35,6 +36,12 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
   ``F / (2 w)`` around the components' ``x0`` predictions: the library's ``bound=clean`` at
   ``width = sqrt(F / (2 w))``); ``xnoise`` (1, with ``pred=sample``: the sampler draws ``x0``
   from ``N(x0_k, width^2 I)``, the "clean" bound's component, instead of taking ``x0_k``);
+  ``xmean`` (with ``cat``: the sampler takes the mixture's mean ``sum_k pi_k x0_k`` instead of
+  one drawn component on some steps: ``all``; ``hiS``: the steps ``t >= S``, drawing on the
+  last ``S``; ``loS``: ``t < S``); ``wcap`` (1, with ``bound=clean``: the component width at
+  step ``t`` is ``min(width, sigma_t)``, ``sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`` the
+  noise of ``x_t`` in ``x0`` units: where ``x_t`` pins ``x0`` down more tightly than the width,
+  the components must follow it);
 - ``hidden``, ``layers``, ``ff``, ``ffs`` (backbone; Fourier features and their scale), ``bs`` (batch size), ``lr``, ``method`` (sampler: ``ddpm`` | ``ddim``),
   ``pred`` (what the model predicts: ``epsilon`` | ``sample`` | ``v_prediction`` | ``mixed``:
   ``x0`` on the last step, ``t = 0``, and ``eps`` on the others; for ``plain`` and ``cat``).
@@ -89,11 +96,13 @@ class Variant:
     t0frac: float = 0.0  # > 0: this share of each batch at t = 0, the rest uniform (exploration)
     wdiv: bool = False  # cat: the weights' gradient divided by k_t (the library before 2026-11-29)
     lscale: bool = False  # cat: logits times a learned exp(a(t)) (exploration)
-    idff: int = 0  # cat: Fourier features of x_t for the identifier's logits (exploration)
+    idff: int = 0  # cat: Fourier features of x_t for the identifier's logits (SMD's identifier_fourier)
     wt: str = ""  # a per-step weight outside the bound: snr1 | snr | min5 (exploration)
     iw: float = 0.0  # > 0: a constant weight inside the bound (exploration)
     width: float = softmix.loss.DEFAULT_CLEAN_WIDTH  # the "clean" bound's component width
     xnoise: bool = False  # sampling, pred=sample: x0 drawn from N(x0_k, width^2), not x0_k (exploration)
+    wcap: bool = False  # bound=clean: the width capped at the step's own noise in x0 units (exploration)
+    xmean: str = ""  # sampling, cat: the mixture's mean x0 on some steps, not a drawn component (exploration)
     hidden: int = 128
     layers: int = 3
     ff: int = 64  # random Fourier features of the input (MLPDenoiser(fourier=...)); 0: none
@@ -117,7 +126,7 @@ class Variant:
         for k, v in kv.items():
             if k not in types or k in ("name", "extra"):
                 raise ValueError(f"unknown variant key {k!r} in {text!r}")
-            if k in ("smd", "noeta", "addz", "catlast", "wdiv", "lscale", "xnoise"):
+            if k in ("smd", "noeta", "addz", "catlast", "wdiv", "lscale", "xnoise", "wcap"):
                 out[k] = v not in ("0", "false", "False", "")
             elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim", "discrete", "cat", "idff"):
                 out[k] = int(v)
@@ -138,7 +147,7 @@ def build_model(v: Variant, sample_shape: tuple[int, ...]) -> nn.Module:
         return backbone
     if v.cat:
         model = SMD(backbone, latent_dim=v.latent, inject=v.inject, identifier="categorical", num_components=v.cat,
-                    identifier_hidden=v.idh or 128)
+                    identifier_hidden=v.idh or 128, identifier_fourier=v.idff, identifier_fourier_scale=v.ffs)
     else:
         model = SMD(backbone, latent_dim=v.latent, inject=v.inject, identifier_hidden=v.idh,
                     noise_channels=v.discrete or v.etadim)
@@ -147,8 +156,6 @@ def build_model(v: Variant, sample_shape: tuple[int, ...]) -> nn.Module:
             add_latent_bias(head)
     if v.lscale:
         add_logit_scale(model.identifier)
-    if v.idff:
-        add_identifier_fourier(model.identifier, sample_shape[0], v.idff, v.ffs)
     if v.winit:  # exploration: components differ from the first step (no symmetry to break)
         for head in model.heads:
             nn.init.normal_(head.w_out.weight, std=v.winit)
@@ -216,6 +223,34 @@ class LastStepX0(nn.Module):
         return _per_step(t, eps, out)
 
 
+class MixtureMean(nn.Module):
+    """``xmean`` for the sampler: on the chosen steps the mixture's mean output
+    ``sum_k pi_k out_k`` (all K components evaluated) in place of the drawn component's."""
+
+    def __init__(self, model: nn.Module, spec: str):
+        super().__init__()
+        self._orig_mod = model
+        if spec == "all":
+            self.on = lambda t: torch.ones_like(t, dtype=torch.bool)
+        elif spec[:2] in ("hi", "lo"):
+            s = int(spec[2:])
+            self.on = (lambda t: t >= s) if spec[:2] == "hi" else (lambda t: t < s)
+        else:
+            raise ValueError(f"xmean: expected all, hiS or loS, got {spec!r}")
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        drawn = self._orig_mod(x_t, t, **kwargs)
+        on = self.on(t)
+        if not bool(on.any()):
+            return drawn
+        kwargs.pop("eta", None)
+        b = x_t.shape[0]
+        out = self._orig_mod(x_t, t, components=True, **kwargs)
+        pi = self._orig_mod.last_log_weights.exp().T  # (K, B)
+        mean = (pi.reshape(pi.shape[0], b, *([1] * (out.dim() - 1))) * out.reshape(-1, *drawn.shape)).sum(0)
+        return torch.where(on.reshape(b, *([1] * (drawn.dim() - 1))), mean.to(drawn), drawn)
+
+
 class WidthNoise(nn.Module):
     """``xnoise=1`` for the sampler: the ``x0`` estimate plus ``width`` times standard normal
     noise, a draw from the component ``N(x0_k, width^2 I)`` of the "clean" bound's model."""
@@ -281,23 +316,6 @@ def add_logit_scale(identifier: CategoricalIdentifier) -> None:
     nn.init.zeros_(identifier.log_scale.bias)
 
 
-class FourierLogitsIdentifier(CategoricalIdentifier):
-    """Exploration: the categorical identifier's logits from ``concat(x, sin(2 pi x W), cos(2 pi x W))``."""
-
-    def logits(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        proj = 2 * torch.pi * (x_t @ self.fourier_w.to(x_t.dtype))
-        return super().logits(torch.cat([x_t, proj.sin(), proj.cos()], dim=-1), t)
-
-
-def add_identifier_fourier(identifier: CategoricalIdentifier, features: int, n: int, scale: float) -> None:
-    if identifier.spatial_dims:
-        raise ValueError("idff: vectors only")
-    identifier.__class__ = FourierLogitsIdentifier  # a class, so that deepcopy (EMA) keeps it
-    w = torch.randn(features, n, generator=torch.Generator().manual_seed(1)) * scale
-    identifier.register_buffer("fourier_w", w, persistent=False)
-    identifier.features = nn.Linear(features + 2 * n, identifier.features.out_features)
-
-
 def loss_weight(kind: str, schedule: NoiseSchedule) -> torch.Tensor | None:
     """The exploration key ``wt``: a weight per timestep ``(T,)``, or None for none."""
     if not kind:
@@ -335,6 +353,9 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
     kw["prediction_type"] = v.pred
     if v.iw:
         kw["weight"] = lambda t: torch.full(t.shape, v.iw)
+    if v.wcap:  # width min(s, sigma_t), sigma_t = sqrt((1 - a_t) / a_t): the clean bound's weight times (s / width)^2
+        snr = schedule.alphas_cumprod / (1 - schedule.alphas_cumprod)
+        kw["weight"] = lambda t: (v.width ** 2 * snr[t]).clamp(min=1.0)
     step_weight = loss_weight(v.wt, schedule)
     t0 = time.perf_counter()
     for _ in range(iters):
@@ -367,6 +388,14 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
     return ema, (time.perf_counter() - t0) / max(iters, 1)
 
 
+def train_on_grid_seed0(v: Variant, schedule: NoiseSchedule, mixture) -> nn.Module:
+    """The EMA model of variant ``v`` trained on ``mixture`` (2-D) for 3000 steps with seed 0,
+    the same model as ``gmm.py``'s seed 0 (``spread.py`` and ``weights.py`` look inside it)."""
+    torch.manual_seed(0)  # initialisation
+    ema, _ = train(build_model(v, (2,)), v, schedule, lambda n, g: mixture.sample(n, g), 3000, 0)
+    return ema
+
+
 def draw_samples(model: nn.Module, v: Variant, schedule: NoiseSchedule, shape, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(10_000 + seed)
     pred = v.pred
@@ -376,6 +405,10 @@ def draw_samples(model: nn.Module, v: Variant, schedule: NoiseSchedule, shape, s
         if pred != "sample":
             raise ValueError(f"{v.name}: xnoise needs pred=sample")
         model = WidthNoise(model, v.width, torch.Generator().manual_seed(20_000 + seed))
+    if v.xmean:
+        if not v.cat:
+            raise ValueError(f"{v.name}: xmean needs cat")
+        model = MixtureMean(model, v.xmean)
     return softmix.sample(model, schedule, shape, steps=schedule.num_steps, method=v.method, generator=g,
                           prediction_type=pred, progress=False)
 

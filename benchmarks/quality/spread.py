@@ -45,9 +45,8 @@ def main(argv: list[str]) -> int:
     print(f"data: within-mode std {within_mode_std(reference, mixture):.4f}")
     for spec in argv[1:]:
         v = common.Variant.parse(spec)
-        torch.manual_seed(0)
         schedule = NoiseSchedule(steps)
-        ema, _ = common.train(common.build_model(v, (2,)), v, schedule, lambda n, g: mixture.sample(n, g), 3000, 0)
+        ema = common.train_on_grid_seed0(v, schedule, mixture)
         x = common.draw_samples(ema, v, schedule, (2000, 2), 0)
         m = mixture_metrics(x, mixture, reference)
         print(f"T={steps} {spec}: hq {100 * m['high_quality']:.1f}% modes {m['modes_covered']} "

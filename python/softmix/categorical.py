@@ -18,17 +18,28 @@ narrow Gaussian, which works with ``prediction_type="sample"``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from softmix.head import _CONV, timestep_embedding
+from softmix.nets import FourierFeatures
 
-__all__ = ["CategoricalIdentifier", "DEFAULT_NUM_COMPONENTS"]
+__all__ = ["CategoricalIdentifier", "DEFAULT_NUM_COMPONENTS", "LONG_CHAIN_FOURIER", "DEFAULT_FOURIER_SCALE"]
 
 # K: the components act as the data's modes, so K must reach about their number (7x7 grid at
 # T = 4, benchmarks/results/quality.md: K = 32 / 64 / 128 put 42% / 95% / 98% of the samples on
 # the modes, all 49 modes in 0 / 1 / 3 of 3 seeds) at a cost linear in K (1.6x from 64 to 128)
 DEFAULT_NUM_COMPONENTS = 128
+
+# Vectors, long chains: the logits may see random Fourier features of x_t (``fourier``). From an
+# MLP on x_t alone the weights stay nearly flat in x_t where a long chain needs them sharpest,
+# at its last steps (7x7 grid, T = 1000: 7% of the weight on the right mode at t = 0; with 64
+# features, 94%; 38 vs 49 modes). With 50 steps or fewer the features measure level or worse
+# (T = 50: 94% vs 98% on the modes), so they stay off by default (benchmarks/results/quality.md).
+LONG_CHAIN_FOURIER = 64
+DEFAULT_FOURIER_SCALE = 2.0
 
 
 class CategoricalIdentifier(nn.Module):
@@ -45,6 +56,10 @@ class CategoricalIdentifier(nn.Module):
         spatial_dims: ``0`` for vectors (an MLP); ``1``, ``2`` or ``3`` for images (two 3x3
             convolutions, averaged over positions).
         time_dim: size of the sinusoidal time embedding.
+        fourier, fourier_scale: vectors only: the MLP sees ``FourierFeatures(in_channels,
+            fourier, fourier_scale)`` of ``x_t`` (0: ``x_t`` itself). For chains of hundreds
+            of steps; ``LONG_CHAIN_FOURIER`` (64) is what was measured. The scale suits data of
+            about unit size, as the built-in ``MLPDenoiser``'s.
     """
 
     supports_fanout = True  # eta may hold M samples per example of x_t: (M * B, K)
@@ -57,15 +72,23 @@ class CategoricalIdentifier(nn.Module):
         hidden: int = 128,
         spatial_dims: int = 0,
         time_dim: int = 32,
+        fourier: int = 0,
+        fourier_scale: float = DEFAULT_FOURIER_SCALE,
     ):
         super().__init__()
         if num_components < 1:
             raise ValueError(f"num_components must be >= 1, got {num_components}")
         if spatial_dims not in (0, *_CONV):
             raise ValueError(f"spatial_dims must be 0 (vectors) or 1..3 (images), got {spatial_dims}")
+        if fourier < 0 or (fourier and spatial_dims):
+            raise ValueError(f"fourier must be >= 0, and 0 for images (spatial_dims {spatial_dims}), got {fourier}")
+        if fourier and not (math.isfinite(fourier_scale) and fourier_scale > 0):
+            raise ValueError(f"fourier_scale must be a positive finite number, got {fourier_scale}")
         self.num_components, self.time_dim, self.spatial_dims = num_components, time_dim, spatial_dims
+        # a W of its own (seed 1), not the backbone's MLPDenoiser W (seed 0)
+        self.fourier_features = FourierFeatures(in_channels, fourier, fourier_scale, seed=1) if fourier else None
         if spatial_dims == 0:
-            self.features = nn.Linear(in_channels, hidden)
+            self.features = nn.Linear(in_channels + 2 * fourier, hidden)
         else:
             conv = _CONV[spatial_dims]
             self.features = nn.Sequential(conv(in_channels, hidden, 3, padding=1), nn.SiLU(),
@@ -80,9 +103,11 @@ class CategoricalIdentifier(nn.Module):
 
     def logits(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Unnormalised log-weights ``(B, K)`` of the components at ``(x_t, t)``."""
-        h = self.features(x_t if self.spatial_dims else x_t.flatten(1))
         if self.spatial_dims:
-            h = h.flatten(2).mean(-1)  # (B, hidden): the weights are one per example
+            h = self.features(x_t).flatten(2).mean(-1)  # (B, hidden): the weights are one per example
+        else:
+            x = x_t.flatten(1)
+            h = self.features(x if self.fourier_features is None else self.fourier_features(x))
         return self.logits_net(h + self.time(timestep_embedding(t, self.time_dim).to(h.dtype)))
 
     def log_weights(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -203,7 +203,7 @@ def load_smd(
     map_location: str | torch.device = "cpu",
 ):
     """Rebuild an ``SMD`` saved by ``save_smd`` and load its weights."""
-    from softmix.categorical import DEFAULT_NUM_COMPONENTS
+    from softmix.categorical import DEFAULT_FOURIER_SCALE, DEFAULT_NUM_COMPONENTS
     from softmix.wrap import SMD
 
     path = Path(path)
@@ -229,6 +229,8 @@ def load_smd(
         noise_channels=smd["noise_channels"],
         identifier_hidden=smd.get("identifier_hidden"),
         num_components=smd.get("num_components", DEFAULT_NUM_COMPONENTS),
+        identifier_fourier=smd.get("identifier_fourier", 0),  # saved before the option: none
+        identifier_fourier_scale=smd.get("identifier_fourier_scale", DEFAULT_FOURIER_SCALE),
     )
     state = load_tensors(path / WEIGHTS_NAME, map_location=map_location)
     load_state_into(model, state, str(path / WEIGHTS_NAME))

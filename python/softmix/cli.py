@@ -53,7 +53,7 @@ def _steps_list(text: str) -> list[int]:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from softmix.categorical import DEFAULT_NUM_COMPONENTS
+    from softmix.categorical import DEFAULT_NUM_COMPONENTS, LONG_CHAIN_FOURIER
     from softmix.loss import BOUNDS, DEFAULT_CLEAN_WIDTH
     from softmix.schedule import PREDICTION_TYPES, SCHEDULE_KINDS
     from softmix.train import IDENTIFIERS, PRECISIONS
@@ -90,6 +90,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=_positive_int, default=3, help="backbone depth")
     p.add_argument("--fourier", type=_nonnegative_int, default=64,
                    help="vector data: random Fourier features of x_t in the MLP backbone (0: none; default 64)")
+    p.add_argument("--identifier-fourier", type=_nonnegative_int, default=0,
+                   help="vector data, --identifier categorical: random Fourier features of x_t for its "
+                        f"mixture weights (0: none, the default; {LONG_CHAIN_FOURIER} for chains of hundreds of steps)")
     p.add_argument("--num-data", type=_positive_int, default=20000, help="training points drawn from the toy mixtures")
     p.add_argument("--image-size", type=_positive_int, default=32, help="image folders are resized to this")
     p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="image folders: 1 grey or 3 RGB")
@@ -184,7 +187,7 @@ def _config_from_args(args, smd: bool):
         num_samples=args.num_samples, bound=args.bound, temperature=args.temperature,
         clean_width=args.clean_width, identifier=args.identifier, num_components=args.num_components,
         ema_decay=args.ema_decay, seed=args.seed, hidden=args.hidden, layers=args.layers,
-        fourier=args.fourier,
+        fourier=args.fourier, identifier_fourier=args.identifier_fourier,
         num_data=args.num_data, image_size=args.image_size, channels=args.channels, device=args.device,
         lr_warmup=args.lr_warmup, precision=args.precision, compile=args.compile,
         grad_checkpoint=args.grad_checkpoint, skip_nonfinite=args.skip_nonfinite, max_skips=args.max_skips,

@@ -20,17 +20,33 @@ from torch.utils.checkpoint import checkpoint
 
 from softmix.head import timestep_embedding
 
-__all__ = ["MLPDenoiser", "ConvDenoiser", "build_backbone"]
+__all__ = ["FourierFeatures", "MLPDenoiser", "ConvDenoiser", "build_backbone"]
+
+
+class FourierFeatures(nn.Module):
+    """``(B, F) -> (B, F + 2 n)``: ``concat(x, sin(2 pi x W), cos(2 pi x W))``, random Fourier
+    features (Tancik et al. 2020) with a fixed ``W (F, n) ~ N(0, scale^2)``.
+
+    ``W`` is drawn from ``seed``, so a rebuilt module has the same ``W`` and no state to save.
+    A plain MLP is biased towards smooth functions and blurs sharp, many-moded data such as the
+    7x7 toy (modes of std 0.033); the features let it resolve them.
+    """
+
+    def __init__(self, features: int, n: int, scale: float, seed: int = 0):
+        super().__init__()
+        self.n, self.scale = n, scale
+        w = torch.randn(features, n, generator=torch.Generator().manual_seed(seed)) * scale
+        self.register_buffer("w", w, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        proj = 2 * torch.pi * (x @ self.w.to(x.dtype))
+        return torch.cat([x, proj.sin(), proj.cos()], dim=-1)
 
 
 class MLPDenoiser(nn.Module):
     """``(B, F), (B,) -> (B, F)``: residual MLP with a sinusoidal time embedding.
 
-    ``fourier > 0`` adds random Fourier features of the input (Tancik et al. 2020):
-    ``concat(x, sin(2 pi x W), cos(2 pi x W))`` with a fixed ``W (F, fourier) ~ N(0, fourier_scale^2)``
-    (seeded, so a rebuilt model has the same ``W``). A plain MLP is biased towards smooth
-    functions and blurs sharp, many-moded data such as the 7x7 toy (modes of std 0.033);
-    the features let it resolve them.
+    ``fourier > 0`` first maps the input to ``FourierFeatures(features, fourier, fourier_scale)``.
     """
 
     gradient_checkpointing = False  # recompute each block in the backward pass (saves memory)
@@ -41,9 +57,7 @@ class MLPDenoiser(nn.Module):
         self.features, self.hidden, self.layers, self.time_dim = features, hidden, layers, time_dim
         self.fourier, self.fourier_scale = fourier, fourier_scale
         self.in_channels = features  # what SMD reads (the first Linear sees the Fourier features too)
-        if fourier:
-            w = torch.randn(features, fourier, generator=torch.Generator().manual_seed(0)) * fourier_scale
-            self.register_buffer("fourier_w", w, persistent=False)
+        self.fourier_features = FourierFeatures(features, fourier, fourier_scale) if fourier else None
         # first Linear: SMD's input injection point
         self.in_proj = nn.Linear(features + 2 * fourier, hidden)
         self.time = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -62,9 +76,8 @@ class MLPDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-        if self.fourier:
-            proj = 2 * torch.pi * (x @ self.fourier_w.to(x.dtype))
-            x = torch.cat([x, proj.sin(), proj.cos()], dim=-1)
+        if self.fourier_features is not None:
+            x = self.fourier_features(x)
         h = self.in_proj(x) + self.time(timestep_embedding(t, self.time_dim).to(x.dtype))
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():

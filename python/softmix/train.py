@@ -115,6 +115,7 @@ class TrainConfig:
     layers: int = 3  # backbone depth (MLP blocks / conv residual blocks)
     fourier: int = 64  # vector data: random Fourier features of x_t (0: none); see MLPDenoiser
     fourier_scale: float = 2.0
+    identifier_fourier: int = 0  # vector data, categorical identifier: Fourier features for its weights (scale fourier_scale)
     num_data: int = 20000  # training points drawn from the toy mixtures
     image_size: int = 32  # image folders are resized to this
     channels: int = 3  # image folders: 1 grey, 3 RGB
@@ -149,6 +150,8 @@ class TrainConfig:
             raise ValueError(f"identifier must be one of {IDENTIFIERS}, got {self.identifier!r}")
         if self.num_components < 1:
             raise ValueError(f"num_components must be a positive integer, got {self.num_components}")
+        if self.identifier_fourier < 0:
+            raise ValueError(f"identifier_fourier must be >= 0, got {self.identifier_fourier}")
         if not (math.isfinite(self.clean_width) and self.clean_width > 0):
             raise ValueError(f"clean_width must be a positive number, got {self.clean_width}")
 
@@ -181,7 +184,9 @@ def build_model(cfg: TrainConfig, sample_shape: tuple[int, ...]) -> nn.Module:
         return backbone
     model = SMD(backbone, latent_dim=cfg.latent_dim, hyper_layers=cfg.hyper_layers, inject=cfg.inject,
                 identifier="categorical" if cfg.identifier == "categorical" else None,
-                num_components=cfg.num_components)
+                num_components=cfg.num_components,
+                identifier_fourier=cfg.identifier_fourier if cfg.identifier == "categorical" else 0,
+                identifier_fourier_scale=cfg.fourier_scale)
     if cfg.grad_checkpoint:
         # The recomputation runs in the backward pass, after SMD.forward has cleared the
         # latent its hooks read: a hook inside a recomputed block would modulate in the

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from softmix.categorical import DEFAULT_NUM_COMPONENTS, CategoricalIdentifier
+from softmix.categorical import DEFAULT_FOURIER_SCALE, DEFAULT_NUM_COMPONENTS, CategoricalIdentifier
 from softmix.head import ConvIdentifier, MLPIdentifier, SMDHead
 
 __all__ = ["SMD", "find_injection_points", "model_output_tensor", "is_smd"]
@@ -189,6 +189,9 @@ class SMD(nn.Module):
         noise_channels: channels (features) of ``eta``; default those of ``x_t``.
         identifier_hidden: width of the default identifier.
         num_components: ``K`` of ``identifier="categorical"``.
+        identifier_fourier, identifier_fourier_scale: vectors with ``identifier="categorical"``:
+            random Fourier features of ``x_t`` for its weights (``CategoricalIdentifier``'s
+            ``fourier``; 0: none). Use ``LONG_CHAIN_FOURIER`` (64) for chains of hundreds of steps.
     """
 
     def __init__(
@@ -202,6 +205,8 @@ class SMD(nn.Module):
         noise_channels: int | None = None,
         identifier_hidden: int | None = None,
         num_components: int = DEFAULT_NUM_COMPONENTS,
+        identifier_fourier: int = 0,
+        identifier_fourier_scale: float = DEFAULT_FOURIER_SCALE,
     ):
         super().__init__()
         if isinstance(denoiser, SMD):
@@ -238,9 +243,12 @@ class SMD(nn.Module):
         if self._image:
             conv_type = next(type(m) for _, m in cands)
             spatial = next(v for k, v in spatial_dims.items() if issubclass(conv_type, k))
+        if identifier_fourier and kind != "categorical":
+            raise ValueError(f"SMD: identifier_fourier={identifier_fourier} needs identifier='categorical'")
         if kind == "categorical":
             identifier = CategoricalIdentifier(in_channels, latent_dim, num_components, hidden=identifier_hidden or 128,
-                                               spatial_dims=spatial)
+                                               spatial_dims=spatial, fourier=identifier_fourier,
+                                               fourier_scale=identifier_fourier_scale)
             self.noise_channels = num_components
         elif identifier is None:
             if self._image:
@@ -260,7 +268,9 @@ class SMD(nn.Module):
             "custom_identifier": self.custom_identifier,
         }
         if kind == "categorical":
-            self.smd_config.update(identifier="categorical", num_components=num_components)
+            self.smd_config.update(identifier="categorical", num_components=num_components,
+                                   identifier_fourier=identifier_fourier,
+                                   identifier_fourier_scale=identifier_fourier_scale)
         # log pi_k(x_t, t) (B, K) of the last forward(..., components=True): training_loss reads it
         self.last_log_weights: torch.Tensor | None = None
         self._latent: torch.Tensor | None = None
