@@ -370,3 +370,49 @@ def test_train_config_passes_the_identifier_features_and_defaults_to_none():
     assert build_model(TrainConfig(identifier="categorical", hidden=8, layers=1), (2,)).identifier.fourier_features is None
     with pytest.raises(ValueError, match="identifier_fourier must be >= 0, got -2"):
         TrainConfig(identifier_fourier=-2).validate()
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "epsilon"])
+def test_fit_final_width_maximises_the_last_steps_likelihood(prediction_type):
+    """Against a direct maximisation of ``sum_b log sum_k pi_k N(x0_b; x0_k, s^2 I)`` over ``s``
+    (float64, ``torch.distributions.Normal``, scipy's bounded scalar search), with the ``x0_k``
+    computed from the textbook inverse of the forward process."""
+    from scipy.optimize import minimize_scalar
+
+    from softmix.loss import fit_final_width
+
+    model = _categorical_model(4, seed=3)
+    s = NoiseSchedule(50)
+    x0 = torch.randn(300, 2) * 0.5 + torch.randint(0, 2, (300, 1)) * 2.0 - 1.0
+    width = fit_final_width(model, s, x0, steps=5, prediction_type=prediction_type,
+                            generator=torch.Generator().manual_seed(7))
+    t_last = int(s.respace(5)[0][-1])
+    assert t_last > 0  # the last step of a respaced chain, not t = 0
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
+    a = s.alphas_cumprod.double()[t_last]
+    x_t = (a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double()).float()
+    with torch.no_grad():
+        out = model(x_t, torch.full((300,), t_last), components=True).reshape(4, 300, 2).double()
+    log_pi = model.last_log_weights.double().T  # (K, B)
+    x0_k = out if prediction_type == "sample" else (x_t.double() - (1 - a).sqrt() * out) / a.sqrt()
+
+    def nll(log_s):
+        comp = torch.distributions.Normal(x0_k, math.exp(log_s)).log_prob(x0.double()).sum(-1)  # (K, B)
+        return -torch.logsumexp(log_pi + comp, dim=0).sum().item()
+
+    best = minimize_scalar(nll, bounds=(math.log(1e-3), math.log(10.0)), method="bounded", options={"xatol": 1e-10})
+    assert math.isclose(width, math.exp(best.x), rel_tol=1e-4), (width, math.exp(best.x))
+
+
+def test_fit_final_width_rejects_what_it_cannot_fit():
+    from softmix.loss import fit_final_width
+
+    s, x0 = NoiseSchedule(10), torch.randn(8, 2)
+    with pytest.raises(ValueError, match="needs an SMD model with identifier='categorical'"):
+        fit_final_width(SMD(MLPDenoiser(2, hidden=8, layers=1), latent_dim=4, inject="output"), s, x0)
+    with pytest.raises(ValueError, match="clean_width must be a positive number"):
+        fit_final_width(_categorical_model(3), s, x0, clean_width=0.0)
+    with pytest.raises(ValueError, match="unknown prediction_type"):
+        fit_final_width(_categorical_model(3), s, x0, prediction_type="score")
+    with pytest.raises(ValueError, match="x0 is empty"):
+        fit_final_width(_categorical_model(3), s, x0[:0])

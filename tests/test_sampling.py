@@ -91,3 +91,22 @@ def test_trajectory_clip_and_errors():
     with pytest.raises(ValueError, match="method"):
         softmix.sample(model, s, (4, 2), method="euler", progress=False)
     assert model.training, "sample() restores the training mode"
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_final_width_draws_the_sample_around_the_last_estimate(method):
+    s, model = NoiseSchedule(20), Fixed()
+    x_T = torch.randn(20000, 1, generator=torch.Generator().manual_seed(1))
+    kw = dict(steps=5, method=method, x_T=x_T, progress=False, prediction_type="sample")
+    centre = softmix.sample(model, s, (20000, 1), generator=torch.Generator().manual_seed(2), **kw)
+    same = softmix.sample(model, s, (20000, 1), generator=torch.Generator().manual_seed(2), final_width=0.0, **kw)
+    torch.testing.assert_close(same, centre, rtol=0, atol=0)
+    x, traj = softmix.sample(model, s, (20000, 1), generator=torch.Generator().manual_seed(2), final_width=0.25,
+                             return_trajectory=True, **kw)
+    assert torch.equal(traj[-1], x)
+    offset = (x - centre).double()  # the chain is unchanged; the offset is 0.25 N(0, 1)
+    assert abs(offset.mean().item()) < 4 * 0.25 / 20000**0.5
+    assert abs(offset.std().item() / 0.25 - 1) < 0.03
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="final_width must be a finite number >= 0"):
+            softmix.sample(model, s, (4, 1), steps=5, final_width=bad, progress=False)

@@ -36,6 +36,9 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
   ``F / (2 w)`` around the components' ``x0`` predictions: the library's ``bound=clean`` at
   ``width = sqrt(F / (2 w))``); ``xnoise`` (1, with ``pred=sample``: the sampler draws ``x0``
   from ``N(x0_k, width^2 I)``, the "clean" bound's component, instead of taking ``x0_k``);
+  ``xlast`` (w > 0, with ``pred=sample``: the same at the last step only, at width ``w``);
+  ``xfit`` (1, with ``cat``: the samples drawn with ``softmix.sample(..., final_width=s)``, ``s``
+  fitted to 2000 fresh data by ``softmix.loss.fit_final_width``);
   ``xmean`` (with ``cat``: the sampler takes the mixture's mean ``sum_k pi_k x0_k`` instead of
   one drawn component on some steps: ``all``; ``hiS``: the steps ``t >= S``, drawing on the
   last ``S``; ``loS``: ``t < S``); ``wcap`` (1, with ``bound=clean``: the component width at
@@ -101,6 +104,8 @@ class Variant:
     iw: float = 0.0  # > 0: a constant weight inside the bound (exploration)
     width: float = softmix.loss.DEFAULT_CLEAN_WIDTH  # the "clean" bound's component width
     xnoise: bool = False  # sampling, pred=sample: x0 drawn from N(x0_k, width^2), not x0_k (exploration)
+    xfit: bool = False  # sampling, cat: final_width fitted by softmix.loss.fit_final_width
+    xlast: float = 0.0  # sampling, pred=sample: > 0, x0 drawn from N(x0_k, xlast^2) at the last step only (exploration)
     wcap: bool = False  # bound=clean: the width capped at the step's own noise in x0 units (exploration)
     xmean: str = ""  # sampling, cat: the mixture's mean x0 on some steps, not a drawn component (exploration)
     hidden: int = 128
@@ -126,11 +131,11 @@ class Variant:
         for k, v in kv.items():
             if k not in types or k in ("name", "extra"):
                 raise ValueError(f"unknown variant key {k!r} in {text!r}")
-            if k in ("smd", "noeta", "addz", "catlast", "wdiv", "lscale", "xnoise", "wcap"):
+            if k in ("smd", "noeta", "addz", "catlast", "wdiv", "lscale", "xnoise", "wcap", "xfit"):
                 out[k] = v not in ("0", "false", "False", "")
             elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim", "discrete", "cat", "idff"):
                 out[k] = int(v)
-            elif k in ("temp", "minvar", "lr", "klw", "ffs", "winit", "t0frac", "iw", "width"):
+            elif k in ("temp", "minvar", "lr", "klw", "ffs", "winit", "t0frac", "iw", "width", "xlast"):
                 out[k] = float(v)
             else:
                 out[k] = v
@@ -255,13 +260,14 @@ class WidthNoise(nn.Module):
     """``xnoise=1`` for the sampler: the ``x0`` estimate plus ``width`` times standard normal
     noise, a draw from the component ``N(x0_k, width^2 I)`` of the "clean" bound's model."""
 
-    def __init__(self, model: nn.Module, width: float, generator: torch.Generator):
+    def __init__(self, model: nn.Module, width: float, generator: torch.Generator, last_only: bool = False):
         super().__init__()
-        self._orig_mod, self.width, self.generator = model, width, generator
+        self._orig_mod, self.width, self.generator, self.last_only = model, width, generator, last_only
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
         out = self._orig_mod(x_t, t, **kwargs)
-        return out + self.width * torch.randn(out.shape, generator=self.generator).to(out)
+        noise = self.width * torch.randn(out.shape, generator=self.generator).to(out)
+        return out + (_per_step(t, noise, torch.zeros_like(noise)) if self.last_only else noise)
 
 
 def categorical_loss(model: SMD, schedule: NoiseSchedule, x0: torch.Tensor, gen: torch.Generator,
@@ -396,7 +402,9 @@ def train_on_grid_seed0(v: Variant, schedule: NoiseSchedule, mixture) -> nn.Modu
     return ema
 
 
-def draw_samples(model: nn.Module, v: Variant, schedule: NoiseSchedule, shape, seed: int) -> torch.Tensor:
+def draw_samples(model: nn.Module, v: Variant, schedule: NoiseSchedule, shape, seed: int, draw_data=None) -> torch.Tensor:
+    """Samples of ``model`` for variant ``v``; ``draw_data(n, generator)`` (the training data's
+    sampler) gives the fresh data that ``xfit`` fits the final width to."""
     g = torch.Generator().manual_seed(10_000 + seed)
     pred = v.pred
     if pred == "mixed":
@@ -405,12 +413,24 @@ def draw_samples(model: nn.Module, v: Variant, schedule: NoiseSchedule, shape, s
         if pred != "sample":
             raise ValueError(f"{v.name}: xnoise needs pred=sample")
         model = WidthNoise(model, v.width, torch.Generator().manual_seed(20_000 + seed))
+    if v.xlast:
+        if pred != "sample":
+            raise ValueError(f"{v.name}: xlast needs pred=sample")
+        model = WidthNoise(model, v.xlast, torch.Generator().manual_seed(20_000 + seed), last_only=True)
     if v.xmean:
         if not v.cat:
             raise ValueError(f"{v.name}: xmean needs cat")
         model = MixtureMean(model, v.xmean)
+    final_width = 0.0
+    if v.xfit:
+        if draw_data is None:
+            raise ValueError(f"{v.name}: xfit needs the data")
+        x0 = draw_data(2000, torch.Generator().manual_seed(40_000 + seed))
+        final_width = softmix.loss.fit_final_width(model, schedule, x0, prediction_type=pred, clean_width=v.width,
+                                                   generator=torch.Generator().manual_seed(50_000 + seed))
+        print(f"{v.name} seed {seed}: fitted final width {final_width:.4f}", flush=True)
     return softmix.sample(model, schedule, shape, steps=schedule.num_steps, method=v.method, generator=g,
-                          prediction_type=pred, progress=False)
+                          prediction_type=pred, progress=False, final_width=final_width)
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:

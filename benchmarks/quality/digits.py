@@ -108,7 +108,7 @@ def main(argv=None) -> int:
                 v.bs = min(v.bs, 128)
                 draw = lambda n, g: data[torch.randint(0, len(data), (n,), generator=g)]  # noqa: E731
                 ema, sec = train(model, v, schedule, draw, args.iters, seed)
-                x = draw_samples(ema, v, schedule, (args.num, 1, 8, 8), seed)
+                x = draw_samples(ema, v, schedule, (args.num, 1, 8, 8), seed, draw)
                 m = image_metrics(x, data, labels, clf)
                 m.update(params=num_params(model), ms_per_iter=1000 * sec)
                 results.setdefault(f"{name}@{steps}", []).append(m)

@@ -49,7 +49,7 @@ def run_one(v: Variant, steps: int, seed: int, iters: int, num: int, mixture, kl
     dims = mixture.means.shape[1]
     model = build_model(v, (dims,))
     ema, sec_per_iter = train(model, v, schedule, lambda n, g: mixture.sample(n, g), iters, seed)
-    x = draw_samples(ema, v, schedule, (num, dims), seed)
+    x = draw_samples(ema, v, schedule, (num, dims), seed, lambda n, g: mixture.sample(n, g))
     reference = mixture.sample(num, torch.Generator().manual_seed(20_000 + seed))
     out = mixture_metrics(x, mixture, reference)
     out.update(params=num_params(model), ms_per_iter=1000 * sec_per_iter)

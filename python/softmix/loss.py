@@ -57,7 +57,7 @@ from softmix import ops
 from softmix.schedule import NoiseSchedule
 from softmix.wrap import _unwrap, is_smd, model_output_tensor
 
-__all__ = ["training_loss", "step_precision", "clean_precision", "categorical_bound", "DEFAULT_BOUND",
+__all__ = ["training_loss", "step_precision", "clean_precision", "fit_final_width", "categorical_bound", "DEFAULT_BOUND",
            "DEFAULT_CATEGORICAL_BOUND", "DEFAULT_NUM_SAMPLES", "BOUNDS", "DEFAULT_MIN_VARIANCE", "DEFAULT_CLEAN_WIDTH"]
 
 BOUNDS = ("jensen", "logmeanexp", "posterior", "clean")
@@ -167,6 +167,55 @@ def clean_precision(
     a_t = schedule.alphas_cumprod.double()[torch.as_tensor(t).long().cpu()]
     g = _x0_error_per_prediction_error(a_t, prediction_type)
     return (features * g.square() / (2 * float(width) ** 2)).float()
+
+
+@torch.no_grad()
+def fit_final_width(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    steps: int | None = None,
+    prediction_type: str = "sample",
+    clean_width: float = DEFAULT_CLEAN_WIDTH,
+    iters: int = 100,
+    generator: torch.Generator | None = None,
+    **model_kwargs: Any,
+) -> float:
+    """The width ``s`` that makes a categorical model's last sampling step most likely to give ``x0``.
+
+    At the last step of a ``steps``-step chain (``schedule.respace``; default every step) the
+    model's density of the clean sample is ``sum_k pi_k N(x0; x0_k, s^2 I)``. Its components
+    ``x0_k`` and weights ``pi_k`` stay as trained; ``s`` is fitted to ``x0`` (the data, or a
+    held-out part of it) by maximum likelihood (EM from ``clean_width``, the training width).
+    ``softmix.sample(..., final_width=s)`` then draws each sample from that density rather than
+    taking its component's centre ``x0_k``. Returns ``s`` in data units.
+    """
+    smd = _unwrap(model) if is_smd(model) else None
+    if smd is None or not smd.categorical:
+        raise ValueError("fit_final_width needs an SMD model with identifier='categorical'")
+    if x0.shape[0] < 1:
+        raise ValueError("fit_final_width: x0 is empty")
+    clean_precision(schedule, torch.zeros(1), 1, prediction_type, clean_width)  # validates both
+    t_last = int(schedule.respace(schedule.num_steps if steps is None else steps)[0][-1])
+    t, x_t, target = noised_batch(schedule, x0, prediction_type, torch.full((x0.shape[0],), t_last), None, generator)
+    num, was_training = smd.identifier.num_components, model.training
+    model.eval()  # as softmix.sample runs it
+    try:
+        pred = model_output_tensor(model(x_t, t, components=True, **model_kwargs)).reshape(num, *x0.shape)
+    finally:
+        model.train(was_training)
+    log_pi, smd.last_log_weights = smd.last_log_weights.T.double(), None  # (K, B)
+    g = _x0_error_per_prediction_error(schedule.alphas_cumprod.double()[t_last], prediction_type)
+    sq = (pred.double() - target.double()).square().flatten(2).sum(-1) * g**2  # |x0_k - x0|^2, (K, B)
+    features = x0[0].numel()
+    var = float(clean_width) ** 2
+    for _ in range(iters):  # EM: responsibilities of the components, then the shared variance
+        r = torch.softmax(log_pi - sq / (2 * var), dim=0)
+        new = float((r * sq).sum(0).mean()) / features
+        if abs(new - var) <= 1e-9 * var:
+            break
+        var = new
+    return math.sqrt(var)
 
 
 def randn_on(shape: torch.Size, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -7,6 +7,7 @@ the same generator, so a seeded generator makes the whole sample reproducible.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -39,6 +40,7 @@ def sample(
     x_T: torch.Tensor | None = None,
     ddim_eta: float | None = None,
     return_trajectory: bool = False,
+    final_width: float = 0.0,
     **model_kwargs: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Draw samples from ``model`` by running the backward chain.
@@ -57,6 +59,10 @@ def sample(
         x_T: start from this ``(B, ...)`` tensor instead of fresh noise.
         ddim_eta: override the DDIM ``eta`` of ``method``.
         return_trajectory: also return the list of states ``[x_T, ..., x_0]``.
+        final_width: draw each sample from ``N(x0_hat, final_width^2 I)`` around the last
+            step's estimate ``x0_hat`` instead of taking ``x0_hat`` itself (0, the default). For
+            a categorical model, ``softmix.loss.fit_final_width`` fits it to the data: the
+            components' own width at the last step.
         **model_kwargs: passed to the model at every step.
 
     Returns:
@@ -64,6 +70,8 @@ def sample(
     """
     if method not in METHODS:
         raise ValueError(f"unknown sampling method {method!r}; expected one of {tuple(METHODS)}")
+    if not (math.isfinite(final_width) and final_width >= 0):
+        raise ValueError(f"final_width must be a finite number >= 0, got {final_width}")
     timesteps, a_t, a_prev = schedule.respace(steps)  # validates steps
     eta_ddim = METHODS[method] if ddim_eta is None else float(ddim_eta)
     if device is None:
@@ -106,6 +114,10 @@ def sample(
             )
             if trajectory is not None:
                 trajectory.append(x)
+        if final_width:  # the last step went to alpha_bar = 1: x is x0_hat
+            x = x + final_width * randn(x.shape)
+            if trajectory is not None:
+                trajectory[-1] = x
     finally:
         model.train(was_training)
     return (x, trajectory) if return_trajectory else x
