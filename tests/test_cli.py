@@ -114,6 +114,40 @@ def test_bad_arguments_give_clear_messages(tmp_path, capsys):
     _fails(["train", "--out", out, "--inject", "nope", *TINY], capsys, "no module named 'nope'")
     _fails(["compare", "--num-steps", "10", "--sample-steps", "20", "--out", out], capsys, "larger than")
     _fails(["compare", "--sample-steps", "4,x", "--out", out], capsys, "comma-separated")
+    _fails(["compare", "--final-width", "fit", "--out", out], capsys, "needs an SMD model with --identifier categorical")
     _fails(["train", "--resume", "--out", out], capsys, "--resume")
     _fails(["sample", "--checkpoint", out, "--out", str(tmp_path / "x.gif")], capsys, ".png, .pt or .npy")
     _fails([], capsys, "required")
+
+
+def test_final_width_fit_in_compare_and_sample(tmp_path, capsys):
+    from softmix.loss import fit_final_width
+
+    out = tmp_path / "cmp"
+    cat = ["--identifier", "categorical", "--num-components", "6", "--prediction-type", "sample"]
+    assert main(["compare", "--data", "gmm", "--out", str(out), "--sample-steps", "2,5", "--num", "200",
+                 "--final-width", "fit", *cat, *TINY]) == 0
+    widths = json.loads((out / "metrics.json").read_text())["smd_final_width"]
+    assert set(widths) == {"2", "5"} and all(0 < w < 10 for w in widths.values())
+    model, schedule, cfg, shape = load_trained(out / "smd")
+    data = torch.randn(64, 2)
+    assert fit_final_width(model, schedule, data, steps=5, prediction_type="sample") > 0
+
+    assert main(["sample", "--checkpoint", str(out / "smd"), "--num", "64", "--steps", "5", "--final-width", "fit",
+                 "--out", str(tmp_path / "s.pt"), "--no-progress"]) == 0
+    assert "fitted final width" in capsys.readouterr().out
+    # a number: the samples around the same chain's estimates, at that width
+    argv = ["sample", "--checkpoint", str(out / "smd"), "--num", "4000", "--steps", "5", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "a.pt")]) == 0
+    assert main([*argv, "--final-width", "0.5", "--out", str(tmp_path / "b.pt")]) == 0
+    offset = torch.load(tmp_path / "b.pt") - torch.load(tmp_path / "a.pt")
+    assert abs(offset.std().item() / 0.5 - 1) < 0.05
+
+    _fails([*argv, "--final-width", "-1", "--out", str(tmp_path / "c.pt")], capsys, "'fit' or a finite number >= 0")
+    _fails([*argv, "--final-width", "nan", "--out", str(tmp_path / "c.pt")], capsys, "'fit' or a finite number >= 0")
+    _fails(["sample", "--checkpoint", str(out / "plain"), "--num", "4", "--steps", "5", "--final-width", "0.1",
+            "--out", str(tmp_path / "c.pt"), "--no-progress"], capsys, "applies to SMD models")
+    gauss = tmp_path / "gauss"
+    assert main(["train", "--data", "gmm", "--out", str(gauss), *TINY]) == 0
+    _fails(["sample", "--checkpoint", str(gauss), "--num", "4", "--steps", "5", "--final-width", "fit",
+            "--out", str(tmp_path / "c.pt"), "--no-progress"], capsys, "needs an SMD model with --identifier categorical")

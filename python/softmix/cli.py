@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -40,6 +41,13 @@ def _number(parse, what: str, ok):
 _positive_int = _number(int, "a positive integer", lambda v: v >= 1)
 _nonnegative_int = _number(int, "a non-negative integer", lambda v: v >= 0)
 _positive_float = _number(float, "a positive number", lambda v: v > 0)
+
+
+def _final_width(text: str) -> float | str:
+    """``--final-width``: ``fit`` or a finite number >= 0."""
+    if text == "fit":
+        return text
+    return _number(float, "'fit' or a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)(text)
 
 
 def _steps_list(text: str) -> list[int]:
@@ -121,6 +129,11 @@ def _add_sample_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("--method", choices=tuple(METHODS), default="ddpm")
     p.add_argument("--num", type=_positive_int, default=2000, help="number of samples")
     p.add_argument("--clip-sample", type=_positive_float, default=None)
+    p.add_argument("--final-width", type=_final_width, default=0.0,
+                   help="draw each SMD sample from N(x0_hat, w^2 I) around the last step's estimate (default 0: "
+                        "take it); 'fit': the categorical model's component width fitted to 2000 points of "
+                        "the data (softmix.loss.fit_final_width)" + (
+                            "; the plain model's samples are left as they are" if many else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,14 +301,33 @@ def _train(parser, args) -> int:
     return 0
 
 
-def _draw(model, schedule, shape, steps, method, seed, num, progress, clip_sample, prediction_type, device="cpu"):
+def _draw(model, schedule, shape, steps, method, seed, num, progress, clip_sample, prediction_type, device="cpu",
+          final_width=0.0):
     import torch
 
     from softmix.sampling import sample
 
     g = torch.Generator(device=device).manual_seed(seed)
-    return sample(model, schedule, (num, *shape), steps=steps, method=method, generator=g,
-                  progress=progress, clip_sample=clip_sample, prediction_type=prediction_type, device=device)
+    return sample(model, schedule, (num, *shape), steps=steps, method=method, generator=g, progress=progress,
+                  clip_sample=clip_sample, prediction_type=prediction_type, device=device, final_width=final_width)
+
+
+def _resolve_final_width(parser, value, model, schedule, data, steps, prediction_type, seed, device="cpu") -> float:
+    """``--final-width`` as a number: ``fit`` fits it to 2000 points of ``data`` (a categorical SMD model only)."""
+    if value != "fit":
+        return float(value)
+    import torch
+
+    from softmix.loss import fit_final_width
+    from softmix.wrap import _unwrap, is_smd
+
+    if not (is_smd(model) and _unwrap(model).categorical):
+        parser.error("--final-width fit needs an SMD model with --identifier categorical")
+    g = torch.Generator().manual_seed(seed + 54321)
+    x0 = data[torch.randperm(data.shape[0], generator=g)[:2000]].to(device)
+    width = fit_final_width(model, schedule, x0, steps=steps, prediction_type=prediction_type, generator=g)
+    print(f"fitted final width: {width:.4g} ({steps} steps)")
+    return width
 
 
 def cmd_sample(parser, args) -> int:
@@ -313,8 +345,18 @@ def cmd_sample(parser, args) -> int:
         parser.error(str(err))
     if args.steps > schedule.num_steps:
         parser.error(f"--steps {args.steps} is larger than the model's schedule ({schedule.num_steps} steps)")
+    width = args.final_width
+    if width == "fit":
+        from softmix.data import load_data
+
+        data, _ = load_data(cfg.data, cfg.num_data, torch.Generator().manual_seed(cfg.seed + 1),
+                            image_size=cfg.image_size, channels=cfg.channels)  # fresh draws for the toys
+        width = _resolve_final_width(parser, width, model, schedule, data, args.steps, cfg.prediction_type,
+                                     args.seed, args.device)
+    elif width and not cfg.smd:
+        parser.error("--final-width applies to SMD models; this checkpoint is a plain model")
     x = _draw(model, schedule, shape, args.steps, args.method, args.seed, args.num, not args.no_progress,
-              args.clip_sample, cfg.prediction_type, args.device).cpu()
+              args.clip_sample, cfg.prediction_type, args.device, final_width=width).cpu()
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".pt":
         torch.save(x, out)
@@ -344,10 +386,12 @@ def cmd_compare(parser, args) -> int:
     for s in args.sample_steps:
         if s > args.num_steps:
             parser.error(f"--sample-steps {s} is larger than the schedule's --num-steps {args.num_steps}")
+    if args.final_width == "fit" and args.identifier != "categorical":  # before minutes of training
+        parser.error("--final-width fit needs an SMD model with --identifier categorical")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
-    results, panels, timings = {}, {}, {}
+    results, panels, timings, final_widths = {}, {}, {}, {}
     data = mixture = None
     for name, smd in (("plain", False), ("SMD", True)):
         trainer = _build_trainer(parser, _config_from_args(args, smd=smd))
@@ -359,8 +403,13 @@ def cmd_compare(parser, args) -> int:
         model = trainer.ema_model()
         shape = tuple(data.shape[1:])
         for steps in args.sample_steps:
+            width = 0.0
+            if smd and args.final_width:
+                width = _resolve_final_width(parser, args.final_width, model, trainer.schedule, trainer.data, steps,
+                                             trainer.cfg.prediction_type, args.seed, args.device)
+                final_widths[str(steps)] = width
             x = _draw(model, trainer.schedule, shape, steps, args.method, args.seed, args.num, progress,
-                      args.clip_sample, trainer.cfg.prediction_type, args.device).cpu()
+                      args.clip_sample, trainer.cfg.prediction_type, args.device, final_width=width).cpu()
             panels[(name, steps)] = x
             ref_gen = torch.Generator().manual_seed(args.seed + 12345)
             if mixture is not None:
@@ -373,7 +422,8 @@ def cmd_compare(parser, args) -> int:
             results.setdefault(name, {})[str(steps)] = m
     plot_compare(data, panels, args.sample_steps, out / "compare.png", title=f"{args.data}: plain vs SMD ({args.method})")
     meta = {"data": args.data, "iters": args.iters, "method": args.method, "num_samples_drawn": args.num,
-            "train_seconds": timings, "config": asdict(_config_from_args(args, smd=True)), "metrics": results}
+            "train_seconds": timings, "config": asdict(_config_from_args(args, smd=True)), "metrics": results,
+            "smd_final_width": final_widths}
     (out / "metrics.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
     table = _markdown_table(results, args.sample_steps)
     (out / "metrics.md").write_text(
