@@ -1,6 +1,7 @@
 """The categorical identifier: Gumbel-max draws, the exact mixture bound, the enumeration of
 components through SMD, sampling, checkpoints, and that it learns a bimodal step."""
 
+import json
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import softmix
 from softmix import SMD, CategoricalIdentifier, NoiseSchedule
 from softmix.head import timestep_embedding
-from softmix.loss import categorical_bound, step_precision
+from softmix.loss import categorical_bound, fit_final_width, step_precision
 from softmix.nets import ConvDenoiser, MLPDenoiser
 
 
@@ -338,8 +339,6 @@ def test_fourier_features_are_an_option_for_vectors_and_bad_values_are_rejected(
 
 
 def test_checkpoints_keep_the_identifier_features_and_old_ones_load_without(tmp_path):
-    import json
-
     x_t, t, eta = torch.randn(8, 2), torch.randint(0, 6, (8,)), torch.randn(8, 5)
     for n in (7, 0):
         torch.manual_seed(n)
@@ -379,8 +378,6 @@ def test_fit_final_width_maximises_the_last_steps_likelihood(prediction_type):
     computed from the textbook inverse of the forward process."""
     from scipy.optimize import minimize_scalar
 
-    from softmix.loss import fit_final_width
-
     model = _categorical_model(4, seed=3)
     s = NoiseSchedule(50)
     x0 = torch.randn(300, 2) * 0.5 + torch.randint(0, 2, (300, 1)) * 2.0 - 1.0
@@ -405,8 +402,6 @@ def test_fit_final_width_maximises_the_last_steps_likelihood(prediction_type):
 
 
 def test_fit_final_width_rejects_what_it_cannot_fit():
-    from softmix.loss import fit_final_width
-
     s, x0 = NoiseSchedule(10), torch.randn(8, 2)
     with pytest.raises(ValueError, match="needs an SMD model with identifier='categorical'"):
         fit_final_width(SMD(MLPDenoiser(2, hidden=8, layers=1), latent_dim=4, inject="output"), s, x0)
