@@ -158,15 +158,21 @@ def clean_precision(
     ``epsilon``: ``sqrt(1 - alpha_bar_t) / sqrt(alpha_bar_t)``; ``v_prediction``:
     ``sqrt(1 - alpha_bar_t)`` (from ``x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps``).
     """
+    width = _checked_clean_width(width)
+    a_t = schedule.alphas_cumprod.double()[torch.as_tensor(t).long().cpu()]
+    g = _x0_error_per_prediction_error(a_t, prediction_type)
+    return (features * g.square() / (2 * width**2)).float()
+
+
+def _checked_clean_width(width: Any) -> float:
+    """``width`` as a float, or a ``ValueError`` naming ``clean_width`` unless it is positive and finite."""
     try:
         ok = math.isfinite(float(width)) and float(width) > 0
     except (TypeError, ValueError):
         ok = False
     if not ok:
         raise ValueError(f"clean_width must be a positive number, got {width!r}")
-    a_t = schedule.alphas_cumprod.double()[torch.as_tensor(t).long().cpu()]
-    g = _x0_error_per_prediction_error(a_t, prediction_type)
-    return (features * g.square() / (2 * float(width) ** 2)).float()
+    return float(width)
 
 
 @torch.no_grad()
@@ -195,7 +201,7 @@ def fit_final_width(
         raise ValueError("fit_final_width needs an SMD model with identifier='categorical'")
     if x0.shape[0] < 1:
         raise ValueError("fit_final_width: x0 is empty")
-    clean_precision(schedule, torch.zeros(1), 1, prediction_type, clean_width)  # validates both
+    var = _checked_clean_width(clean_width) ** 2  # EM starts from the training width
     t_last = int(schedule.respace(schedule.num_steps if steps is None else steps)[0][-1])
     t, x_t, target = noised_batch(schedule, x0, prediction_type, torch.full((x0.shape[0],), t_last), None, generator)
     num, was_training = smd.identifier.num_components, model.training
@@ -208,7 +214,6 @@ def fit_final_width(
     g = _x0_error_per_prediction_error(schedule.alphas_cumprod.double()[t_last], prediction_type)
     sq = (pred.double() - target.double()).square().flatten(2).sum(-1) * g**2  # |x0_k - x0|^2, (K, B)
     features = x0[0].numel()
-    var = float(clean_width) ** 2
     for _ in range(iters):  # EM: responsibilities of the components, then the shared variance
         r = torch.softmax(log_pi - sq / (2 * var), dim=0)
         new = float((r * sq).sum(0).mean()) / features
