@@ -369,6 +369,8 @@ def test_train_config_passes_the_identifier_features_and_defaults_to_none():
     assert build_model(TrainConfig(identifier="categorical", hidden=8, layers=1), (2,)).identifier.fourier_features is None
     with pytest.raises(ValueError, match="identifier_fourier must be >= 0, got -2"):
         TrainConfig(identifier_fourier=-2).validate()
+    with pytest.raises(ValueError, match="identifier_fourier=8 needs identifier='categorical'"):
+        TrainConfig(identifier_fourier=8).validate()
 
 
 @pytest.mark.parametrize("prediction_type", ["sample", "epsilon"])

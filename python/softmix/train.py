@@ -152,6 +152,8 @@ class TrainConfig:
             raise ValueError(f"num_components must be a positive integer, got {self.num_components}")
         if self.identifier_fourier < 0:
             raise ValueError(f"identifier_fourier must be >= 0, got {self.identifier_fourier}")
+        if self.identifier_fourier and self.identifier != "categorical":
+            raise ValueError(f"identifier_fourier={self.identifier_fourier} needs identifier='categorical'")
         if not (math.isfinite(self.clean_width) and self.clean_width > 0):
             raise ValueError(f"clean_width must be a positive number, got {self.clean_width}")
 
@@ -185,7 +187,7 @@ def build_model(cfg: TrainConfig, sample_shape: tuple[int, ...]) -> nn.Module:
     model = SMD(backbone, latent_dim=cfg.latent_dim, hyper_layers=cfg.hyper_layers, inject=cfg.inject,
                 identifier="categorical" if cfg.identifier == "categorical" else None,
                 num_components=cfg.num_components,
-                identifier_fourier=cfg.identifier_fourier if cfg.identifier == "categorical" else 0,
+                identifier_fourier=cfg.identifier_fourier,
                 identifier_fourier_scale=cfg.fourier_scale)
     if cfg.grad_checkpoint:
         # The recomputation runs in the backward pass, after SMD.forward has cleared the
