@@ -371,6 +371,9 @@ def test_train_config_passes_the_identifier_features_and_defaults_to_none():
         TrainConfig(identifier_fourier=-2).validate()
     with pytest.raises(ValueError, match="identifier_fourier=8 needs identifier='categorical'"):
         TrainConfig(identifier_fourier=8).validate()
+    for width in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="clean_width must be a positive number"):
+            TrainConfig(clean_width=width).validate()
 
 
 @pytest.mark.parametrize("prediction_type", ["sample", "epsilon"])

@@ -93,8 +93,8 @@ DEFAULT_CLEAN_WIDTH = 0.015
 # step, regress the posterior mean, and at T = 20 they sit off the modes at t = 0 as well,
 # where drawing from the exact posterior at that step alone would put 99% on them. It stays an
 # option, not the default: it needs x0 prediction (with eps or v: 25-28% at T = 10), which the
-# wrapper cannot choose, K of about the number of modes and a width that suits the data, and
-# at T = 1000 it is worse than plain (too few modes). On digits it lowers the FD to 0.36x the
+# wrapper cannot choose, K of about the number of modes and a width that suits the data; at
+# T = 1000 it needs its weights from Fourier features of x_t (identifier_fourier). On digits it lowers the FD to 0.36x the
 # plain model's at T = 4 but not at T = 10 (1.02x-1.50x, by width).
 DEFAULT_BOUND = "posterior"
 DEFAULT_NUM_SAMPLES = 16

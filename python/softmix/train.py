@@ -61,7 +61,7 @@ from softmix.checkpoint import (
 )
 from softmix.data import load_data
 from softmix.ema import EMA
-from softmix.loss import DEFAULT_CLEAN_WIDTH, DEFAULT_NUM_SAMPLES, training_loss
+from softmix.loss import DEFAULT_CLEAN_WIDTH, DEFAULT_NUM_SAMPLES, _checked_clean_width, training_loss
 from softmix.nets import ConvDenoiser, MLPDenoiser
 from softmix.schedule import NoiseSchedule
 from softmix.wrap import SMD
@@ -154,8 +154,7 @@ class TrainConfig:
             raise ValueError(f"identifier_fourier must be >= 0, got {self.identifier_fourier}")
         if self.identifier_fourier and self.identifier != "categorical":
             raise ValueError(f"identifier_fourier={self.identifier_fourier} needs identifier='categorical'")
-        if not (math.isfinite(self.clean_width) and self.clean_width > 0):
-            raise ValueError(f"clean_width must be a positive number, got {self.clean_width}")
+        _checked_clean_width(self.clean_width)
 
 
 class NonFiniteError(FloatingPointError):
