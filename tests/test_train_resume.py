@@ -140,3 +140,24 @@ def test_a_new_run_does_not_overwrite_an_old_one(tmp_path, capsys, one_thread):
     with pytest.raises(SystemExit):
         main(["train", "--out", str(out), *TINY, "--keep", "0"])
     assert "--keep" in capsys.readouterr().err
+
+
+def test_a_training_state_that_does_not_fit_the_model_is_a_clear_error_and_the_weights_still_load(tmp_path):
+    from softmix.checkpoint import CheckpointError, load_json, save_json
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", "gmm", "--out", str(out), *TINY, "--iters", "5"]) == 0
+    ckpt = find_checkpoint(out)
+    # an optimiser with one parameter fewer than the model, as a run saved by a softmix whose
+    # model had other parameters
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    state["optimizer"]["param_groups"][0]["params"].pop()
+    torch.save(state, ckpt / "trainer_state.pt")
+    meta = load_json(ckpt / "config.json")
+    meta["files"] = {name: (ckpt / name).stat().st_size for name in meta["files"]}
+    save_json(ckpt / "config.json", meta)
+    with pytest.raises(CheckpointError, match="training state does not fit this model's parameters .*cannot resume"):
+        Trainer.resume(out, iters=10)
+    model = load_trained(out)[0]  # sampling needs only the weights
+    x_t, t = torch.randn(4, 2), torch.randint(0, 20, (4,))
+    assert model(x_t, t).shape == (4, 2) and torch.isfinite(model(x_t, t)).all()

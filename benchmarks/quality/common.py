@@ -27,7 +27,12 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
   step of T = 20 are about 30 times as steep in ``x_t`` as at T = 4); ``idff`` (n: the
   identifier's logits see ``n`` random Fourier features of ``x_t``, at the backbone's scale
   ``ffs``, as the backbone does: ``SMD(..., identifier_fourier=n)``; 0, the default: ``x_t``
-  alone; vectors only); ``wt`` (a weight per step on
+  alone; vectors only); ``ffgate`` (1, with ``idff``: each feature times what the noise of
+  ``x_t`` leaves of it, ``exp(-2 pi^2 (1 - alpha_bar_t) |w|^2)``, so that the features are off
+  at the noisy steps; implies ``ffsplit``); ``ffsplit`` (1, with ``idff``: the features through
+  a Linear of their own, made after the rest of the model, which then starts exactly as without
+  features; the library's one Linear on ``concat(x_t, features)`` starts the weights of ``x_t``
+  8x smaller in 2-D); ``wt`` (a weight per step on
   each example's loss, outside the bound, so that the mixture likelihood keeps its sharpness:
   ``snr1`` ``1 + SNR_t``, which makes an ``x0`` loss the size of the ``v`` loss; ``snr`` ``SNR_t``,
   the size of the ``eps`` loss; ``min5`` ``min(1 + SNR_t, 5)``; ``SNR_t = alpha_bar_t / (1 -
@@ -62,7 +67,7 @@ from torch import nn
 
 import softmix
 from softmix import SMD, NoiseSchedule
-from softmix.nets import ConvDenoiser, MLPDenoiser
+from softmix.nets import ConvDenoiser, FourierFeatures, MLPDenoiser
 from softmix.categorical import CategoricalIdentifier
 from softmix.head import SMDHead, timestep_embedding
 from softmix.loss import categorical_bound, gradient_scaled, noised_batch, step_precision
@@ -100,6 +105,8 @@ class Variant:
     wdiv: bool = False  # cat: the weights' gradient divided by k_t (the library before 2026-11-29)
     lscale: bool = False  # cat: logits times a learned exp(a(t)) (exploration)
     idff: int = 0  # cat: Fourier features of x_t for the identifier's logits (SMD's identifier_fourier)
+    ffgate: bool = False  # idff: each feature damped by its noise at step t, exp(-2 pi^2 (1 - a_t) |w|^2) (exploration)
+    ffsplit: bool = False  # idff: the features through a Linear of their own, x_t's as without features (exploration)
     wt: str = ""  # a per-step weight outside the bound: snr1 | snr | min5 (exploration)
     iw: float = 0.0  # > 0: a constant weight inside the bound (exploration)
     width: float = softmix.loss.DEFAULT_CLEAN_WIDTH  # the "clean" bound's component width
@@ -131,7 +138,7 @@ class Variant:
         for k, v in kv.items():
             if k not in types or k in ("name", "extra"):
                 raise ValueError(f"unknown variant key {k!r} in {text!r}")
-            if k in ("smd", "noeta", "addz", "catlast", "wdiv", "lscale", "xnoise", "wcap", "xfit"):
+            if k in ("smd", "noeta", "addz", "catlast", "wdiv", "lscale", "xnoise", "wcap", "xfit", "ffgate", "ffsplit"):
                 out[k] = v not in ("0", "false", "False", "")
             elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim", "discrete", "cat", "idff"):
                 out[k] = int(v)
@@ -151,8 +158,14 @@ def build_model(v: Variant, sample_shape: tuple[int, ...]) -> nn.Module:
     if not v.smd:
         return backbone
     if v.cat:
+        split = v.ffsplit or v.ffgate
+        if split and not v.idff:
+            raise ValueError(f"{v.name}: ffsplit and ffgate need idff")
         model = SMD(backbone, latent_dim=v.latent, inject=v.inject, identifier="categorical", num_components=v.cat,
-                    identifier_hidden=v.idh or 128, identifier_fourier=v.idff, identifier_fourier_scale=v.ffs)
+                    identifier_hidden=v.idh or 128, identifier_fourier=0 if split else v.idff,
+                    identifier_fourier_scale=v.ffs)
+        if split:
+            add_fourier_layer(model.identifier, v.idff, v.ffs)
     else:
         model = SMD(backbone, latent_dim=v.latent, inject=v.inject, identifier_hidden=v.idh,
                     noise_channels=v.discrete or v.etadim)
@@ -322,6 +335,34 @@ def add_logit_scale(identifier: CategoricalIdentifier) -> None:
     nn.init.zeros_(identifier.log_scale.bias)
 
 
+class SplitFourierIdentifier(CategoricalIdentifier):
+    """Exploration (``ffsplit``, ``ffgate``): ``features(x_t) + fourier_proj(sin, cos of x_t)``,
+    the Fourier features through a Linear of their own. With ``noise_var`` (``ffgate``: ``1 -
+    alpha_bar_t`` per step) each feature is times what the noise of ``x_t`` leaves of it, its
+    mean over that noise: ``E_n[sin(2 pi w (x + n))] = sin(2 pi w x) exp(-2 pi^2 s^2 |w|^2)`` for
+    ``n ~ N(0, s^2 I)`` (the same for cos)."""
+
+    noise_var: torch.Tensor | None = None
+
+    def logits(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = x_t.flatten(1)
+        periodic = self.fourier_features(x)[:, x.shape[1]:]
+        if self.noise_var is not None:
+            w = self.fourier_features.w.to(x.dtype)
+            damping = torch.exp(-2 * torch.pi ** 2 * self.noise_var.to(x)[t][:, None] * w.square().sum(0))
+            periodic = periodic * damping.repeat(1, 2)
+        h = self.features(x) + self.fourier_proj(periodic)
+        return self.logits_net(h + self.time(timestep_embedding(t, self.time_dim).to(h.dtype)))
+
+
+def add_fourier_layer(identifier: CategoricalIdentifier, n: int, scale: float) -> None:
+    """Give an identifier built without features ``n`` of them through a Linear of its own; made
+    after the rest of the model, so that the rest starts as without features."""
+    identifier.__class__ = SplitFourierIdentifier  # a class, so that deepcopy (EMA) keeps it
+    identifier.fourier_features = FourierFeatures(identifier.features.in_features, n, scale, seed=1)
+    identifier.fourier_proj = nn.Linear(2 * n, identifier.features.out_features, bias=False)
+
+
 def loss_weight(kind: str, schedule: NoiseSchedule) -> torch.Tensor | None:
     """The exploration key ``wt``: a weight per timestep ``(T,)``, or None for none."""
     if not kind:
@@ -348,6 +389,8 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
         encoder = PosteriorEncoder.for_model(model)
         params += list(encoder.parameters())
     opt = torch.optim.Adam(params, lr=v.lr)
+    if v.ffgate:
+        model.identifier.noise_var = (1 - schedule.alphas_cumprod).float()
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)

@@ -473,9 +473,13 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:  # e.g. saved by a softmix whose model had other layers
+            raise CheckpointError(f"the training state does not fit this model's parameters ({err}): the run "
+                                  "cannot resume training; its weights may still load for sampling (load_trained)") from err
         if "lr_scheduler" in state:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if state.get("scaler"):
