@@ -71,6 +71,7 @@ from softmix.nets import ConvDenoiser, FourierFeatures, MLPDenoiser
 from softmix.categorical import CategoricalIdentifier
 from softmix.head import SMDHead, timestep_embedding
 from softmix.loss import categorical_bound, gradient_scaled, noised_batch, step_precision
+from softmix.metrics import mixture_metrics
 from softmix.posterior import PosteriorEncoder, elbo_loss
 
 # names used in the tables for the built-in variants
@@ -474,6 +475,21 @@ def draw_samples(model: nn.Module, v: Variant, schedule: NoiseSchedule, shape, s
         print(f"{v.name} seed {seed}: fitted final width {final_width:.4f}", flush=True)
     return softmix.sample(model, schedule, shape, steps=schedule.num_steps, method=v.method, generator=g,
                           prediction_type=pred, progress=False, final_width=final_width)
+
+
+def mode_shares(x: torch.Tensor, mixture, reference: torch.Tensor, seed: int) -> tuple[float, float]:
+    """``(chi2, mmd-shares)``: how unevenly the samples ``x`` fall on the modes, the chi-squared
+    statistic of their counts per nearest mode against equal shares (``K - 1`` degrees of
+    freedom for data), and the MMD to ``reference`` (as ``mixture_metrics`` has it) of a draw
+    from the true modes with those counts, which keeps only how the samples share out over the
+    modes."""
+    nearest = torch.cdist(x.float(), mixture.means).argmin(1)
+    counts = torch.bincount(nearest, minlength=mixture.num_modes).double()
+    expected = x.shape[0] / mixture.num_modes
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    same_shares = mixture.means[nearest] + mixture.stds[nearest, None] * noise
+    return chi2, mixture_metrics(same_shares, mixture, reference)["mmd"]
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:

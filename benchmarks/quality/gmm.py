@@ -14,7 +14,10 @@ Prints a table (mean ± std over seeds) and writes ``<out>/<tag>.md``, ``<tag>.j
 
 Metrics (``softmix.metrics.mixture_metrics``): ``hq`` share of samples within 3 std of their
 nearest mode; ``modes`` modes nearest to at least 20% of the high-quality samples a mode would
-get; ``mmd`` squared MMD to fresh true samples; ``nll`` mean negative log-likelihood of the
+get; ``mmd`` squared MMD to fresh true samples; ``mmd-shares`` the same for a draw from the true
+modes with the samples' counts per nearest mode, and ``chi2`` the chi-squared statistic of
+those counts against equal shares (``common.mode_shares``: how much of the MMD is how the
+samples share out over the modes); ``nll`` mean negative log-likelihood of the
 samples under the true mixture; with ``--kl``, the per-step KL from the true posterior
 ``q(x_{t-1} | x_t)`` averaged over the chain (``softmix.metrics.posterior_kl``).
 """
@@ -31,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Variant, build_model, draw_samples, fmt, markdown_table, num_params, train  # noqa: E402
+from common import Variant, build_model, draw_samples, fmt, markdown_table, mode_shares, num_params, train  # noqa: E402
 
 from softmix import NoiseSchedule  # noqa: E402
 from softmix.data import TOY_MIXTURES  # noqa: E402
@@ -52,6 +55,7 @@ def run_one(v: Variant, steps: int, seed: int, iters: int, num: int, mixture, kl
     x = draw_samples(ema, v, schedule, (num, dims), seed, lambda n, g: mixture.sample(n, g))
     reference = mixture.sample(num, torch.Generator().manual_seed(20_000 + seed))
     out = mixture_metrics(x, mixture, reference)
+    out["chi2"], out["mmd_shares"] = mode_shares(x, mixture, reference, 60_000 + seed)
     out.update(params=num_params(model), ms_per_iter=1000 * sec_per_iter)
     if kl:
         out["kl"] = posterior_kl(ema, schedule, mixture, num=512, num_eta=256,
@@ -60,12 +64,13 @@ def run_one(v: Variant, steps: int, seed: int, iters: int, num: int, mixture, kl
 
 
 COLUMNS = [("hq", "high_quality", 1, 100.0), ("modes", "modes_covered", 1, 1.0), ("mmd", "mmd", 4, 1.0),
+           ("mmd-shares", "mmd_shares", 4, 1.0), ("chi2", "chi2", 1, 1.0),
            ("nll", "nll", 2, 1.0), ("kl", "kl", 2, 1.0), ("ms/it", "ms_per_iter", 1, 1.0)]
 
 
 def table(results: dict, variants: list[str], steps_list: list[int]) -> str:
-    have_kl = any("kl" in m for runs in results.values() for m in runs)
-    cols = [c for c in COLUMNS if c[0] != "kl" or have_kl]
+    every_run = [m for runs in results.values() for m in runs]
+    cols = [c for c in COLUMNS if all(c[1] in m for m in every_run)]  # kl only with --kl
     header = ["T", "variant"] + [("hq %" if c[0] == "hq" else c[0]) for c in cols]
     rows = []
     for steps in steps_list:
