@@ -19,7 +19,9 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
   modulation of ``h``); ``catlast`` (1: the mixture likelihood only on the last step, ``t = 0``;
   on the others every component regresses the posterior mean, as the plain loss); ``winit``
   (std of the heads' ``W_out`` at init; 0, the library's default, makes a fresh SMD the plain model);
-  ``t0frac`` (this share of every batch trained at the last step, ``t = 0``); ``wdiv`` (1: the
+  ``t0frac`` (this share of every batch trained at the last step, ``t = 0``); ``tmid`` (this
+  share of every batch at ``t`` uniform in ``[T / 50, T / 10)``, 20-100 at T = 1000, the steps on
+  which a long chain decides a sample's mode); ``wdiv`` (1: the
   mixture weights ``pi_k`` learn from the bound as it is, the likelihood divided by ``k_t``, as
   the library did before 2026-11-29: their gradient ``pi - r`` is then divided by ``k_t``; 0,
   the library's way, gives them that of the likelihood itself); ``lscale`` (1: the logits times a
@@ -103,6 +105,7 @@ class Variant:
     catlast: bool = False  # cat: the mixture likelihood on the last step only (exploration)
     winit: float = 0.0  # std of the heads' W_out at init (0: the library's zero init)
     t0frac: float = 0.0  # > 0: this share of each batch at t = 0, the rest uniform (exploration)
+    tmid: float = 0.0  # > 0: this share of each batch at t in [T / 50, T / 10) (exploration)
     wdiv: bool = False  # cat: the weights' gradient divided by k_t (the library before 2026-11-29)
     lscale: bool = False  # cat: logits times a learned exp(a(t)) (exploration)
     idff: int = 0  # cat: Fourier features of x_t for the identifier's logits (SMD's identifier_fourier)
@@ -143,7 +146,7 @@ class Variant:
                 out[k] = v not in ("0", "false", "False", "")
             elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim", "discrete", "cat", "idff"):
                 out[k] = int(v)
-            elif k in ("temp", "minvar", "lr", "klw", "ffs", "winit", "t0frac", "iw", "width", "xlast"):
+            elif k in ("temp", "minvar", "lr", "klw", "ffs", "winit", "t0frac", "tmid", "iw", "width", "xlast"):
                 out[k] = float(v)
             else:
                 out[k] = v
@@ -422,6 +425,11 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
             if v.t0frac:
                 t = schedule.sample_timesteps(x0.shape[0], generator=gen)
                 kw["t"] = torch.where(torch.rand(x0.shape[0], generator=gen) < v.t0frac, 0, t)
+            if v.tmid:
+                t = schedule.sample_timesteps(x0.shape[0], generator=gen)
+                lo, hi = schedule.num_steps // 50, max(schedule.num_steps // 10, schedule.num_steps // 50 + 1)
+                mid = torch.randint(lo, hi, t.shape, generator=gen)
+                kw["t"] = torch.where(torch.rand(x0.shape[0], generator=gen) < v.tmid, mid, t)
             if step_weight is None:
                 loss = softmix.training_loss(model, schedule, x0, generator=gen, **kw)
             else:
