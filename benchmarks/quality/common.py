@@ -383,6 +383,19 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def batch_timesteps(v: Variant, schedule: NoiseSchedule, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``t (n,)`` for one batch: uniform, but a share ``t0frac`` at ``t = 0`` and a share ``tmid``
+    uniform in ``[T / 50, T / 10)``."""
+    t = schedule.sample_timesteps(n, generator=gen)
+    if v.t0frac:
+        t = torch.where(torch.rand(n, generator=gen) < v.t0frac, 0, t)
+    if v.tmid:
+        lo = schedule.num_steps // 50
+        mid = torch.randint(lo, max(schedule.num_steps // 10, lo + 1), (n,), generator=gen)
+        t = torch.where(torch.rand(n, generator=gen) < v.tmid, mid, t)
+    return t
+
+
 def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, iters: int, seed: int,
           ema_decay: float = 0.995) -> tuple[nn.Module, float]:
     """Adam + gradient clipping + EMA (as ``softmix train``); returns (EMA model, seconds/iter)."""
@@ -422,14 +435,8 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
                 raise ValueError(f"{v.name}: pred=mixed is implemented for plain and cat variants only")
             loss = mixed_plain_loss(model, schedule, x0, gen)
         else:
-            if v.t0frac:
-                t = schedule.sample_timesteps(x0.shape[0], generator=gen)
-                kw["t"] = torch.where(torch.rand(x0.shape[0], generator=gen) < v.t0frac, 0, t)
-            if v.tmid:
-                t = schedule.sample_timesteps(x0.shape[0], generator=gen)
-                lo, hi = schedule.num_steps // 50, max(schedule.num_steps // 10, schedule.num_steps // 50 + 1)
-                mid = torch.randint(lo, hi, t.shape, generator=gen)
-                kw["t"] = torch.where(torch.rand(x0.shape[0], generator=gen) < v.tmid, mid, t)
+            if v.t0frac or v.tmid:
+                kw["t"] = batch_timesteps(v, schedule, x0.shape[0], gen)
             if step_weight is None:
                 loss = softmix.training_loss(model, schedule, x0, generator=gen, **kw)
             else:
