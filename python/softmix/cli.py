@@ -50,6 +50,16 @@ def _final_width(text: str) -> float | str:
     return _number(float, "'fit' or a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)(text)
 
 
+def _focus_range(text: str) -> tuple[float, float]:
+    """``--timestep-focus-range``: ``LO,HI``, fractions of T with 0 <= LO < HI <= 1."""
+    from softmix.schedule import _checked_focus_range
+
+    try:
+        return _checked_focus_range(text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected LO,HI such as 0.02,0.1: {err}") from None
+
+
 def _steps_list(text: str) -> list[int]:
     try:
         steps = [int(s) for s in text.split(",") if s.strip()]
@@ -63,7 +73,7 @@ def _steps_list(text: str) -> list[int]:
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     from softmix.categorical import DEFAULT_NUM_COMPONENTS, LONG_CHAIN_FOURIER
     from softmix.loss import BOUNDS, DEFAULT_CLEAN_WIDTH
-    from softmix.schedule import PREDICTION_TYPES, SCHEDULE_KINDS
+    from softmix.schedule import DEFAULT_FOCUS_RANGE, PREDICTION_TYPES, SCHEDULE_KINDS
     from softmix.train import IDENTIFIERS, PRECISIONS
 
     p.add_argument("--data", default="gmm", help="gmm | gmm-ring | gmm-widths | gmm-d8 | gmm-d32 | digits | a folder of images (default gmm)")
@@ -74,6 +84,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-warmup", type=_nonnegative_int, default=0, help="linear learning-rate warm-up steps")
     p.add_argument("--num-steps", type=_positive_int, default=1000, help="diffusion steps T of the training schedule")
     p.add_argument("--schedule", choices=SCHEDULE_KINDS, default="linear")
+    p.add_argument("--timestep-focus", type=_number(float, "a share in [0, 1]", lambda v: 0 <= v <= 1), default=0.0,
+                   help="share of each batch drawn on the steps of --timestep-focus-range, the rest uniform "
+                        "(default 0: uniform; 0.3 helped the categorical identifier from 10 steps up on the toy)")
+    p.add_argument("--timestep-focus-range", type=_focus_range, default=DEFAULT_FOCUS_RANGE, metavar="LO,HI",
+                   help="the focus steps as fractions of T (default 0.02,0.1: t = 20 .. 99 of 1000)")
     p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="epsilon")
     p.add_argument("--latent-dim", type=_positive_int, default=16, help="SMD latent size D")
     p.add_argument("--hyper-layers", type=_positive_int, default=2, help="SMD head layers L")
@@ -113,6 +128,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="activation checkpointing: recompute the backbone's blocks in the backward pass")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip steps whose loss or gradients are not finite (default: stop with an error)")
+    p.add_argument("--skip-spikes", type=_number(float, "0 (off) or a factor > 1", lambda v: v == 0 or 1 < v < math.inf),
+                   default=0.0, metavar="FACTOR",
+                   help="skip a step whose gradient norm is over FACTOR times the running mean (e.g. 10; default 0: off)")
     p.add_argument("--max-skips", type=_nonnegative_int, default=10,
                    help="with --skip-nonfinite, stop after more than this many non-finite steps in a row")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -196,6 +214,7 @@ def _config_from_args(args, smd: bool):
     return TrainConfig(
         data=args.data, iters=args.iters, batch_size=args.batch_size, lr=args.lr,
         num_steps=args.num_steps, schedule=args.schedule, prediction_type=args.prediction_type,
+        timestep_focus=args.timestep_focus, timestep_focus_range=args.timestep_focus_range,
         smd=smd, latent_dim=args.latent_dim, hyper_layers=args.hyper_layers, inject=inject,
         num_samples=args.num_samples, bound=args.bound, temperature=args.temperature,
         clean_width=args.clean_width, identifier=args.identifier, num_components=args.num_components,
@@ -204,6 +223,7 @@ def _config_from_args(args, smd: bool):
         num_data=args.num_data, image_size=args.image_size, channels=args.channels, device=args.device,
         lr_warmup=args.lr_warmup, precision=args.precision, compile=args.compile,
         grad_checkpoint=args.grad_checkpoint, skip_nonfinite=args.skip_nonfinite, max_skips=args.max_skips,
+        skip_spikes=args.skip_spikes,
     )
 
 
@@ -295,6 +315,7 @@ def _train(parser, args) -> int:
         tail = [v for v in losses[-50:] if v == v and abs(v) != float("inf")] or [float("nan")]
         procs = f" on {trainer.dist.world_size} processes" if trainer.dist.distributed else ""
         skipped = f"; skipped {trainer.skipped_steps} non-finite steps" if trainer.skipped_steps else ""
+        skipped += f"; skipped {trainer.spike_skips} gradient spikes" if trainer.spike_skips else ""
         print(f"trained {'SMD' if trainer.cfg.smd else 'plain'} model for {trainer.step} steps{procs} in "
               f"{time.time() - start:.1f}s; final loss {sum(tail) / len(tail):.4f}{skipped}; "
               f"checkpoint: {trainer.last_checkpoint}")

@@ -63,7 +63,7 @@ from softmix.data import load_data
 from softmix.ema import EMA
 from softmix.loss import DEFAULT_CLEAN_WIDTH, DEFAULT_NUM_SAMPLES, _checked_clean_width, training_loss
 from softmix.nets import ConvDenoiser, MLPDenoiser
-from softmix.schedule import NoiseSchedule
+from softmix.schedule import DEFAULT_FOCUS_RANGE, NoiseSchedule, _checked_focus, _checked_focus_range
 from softmix.wrap import SMD
 
 __all__ = [
@@ -85,6 +85,8 @@ CHECKPOINT_FILES = (MODEL_NAME, EMA_NAME, STATE_NAME, CONFIG_NAME)  # config.jso
 PRECISIONS = ("fp32", "bf16", "fp16")
 IDENTIFIERS = ("gaussian", "categorical")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# skip_spikes: the running mean of the gradient norms (decay 0.99) must see this many steps first
+SPIKE_WARMUP_STEPS = 100
 
 
 @dataclass
@@ -98,6 +100,10 @@ class TrainConfig:
     lr_warmup: int = 0  # linear learning-rate warm-up over this many steps
     num_steps: int = 1000  # T of the training schedule
     schedule: str = "linear"
+    # a share of each batch drawn on the steps timestep_focus_range (fractions of T), the rest
+    # uniform: NoiseSchedule.sample_timesteps(focus=...)
+    timestep_focus: float = 0.0
+    timestep_focus_range: tuple[float, float] = DEFAULT_FOCUS_RANGE
     prediction_type: str = "epsilon"
     smd: bool = True
     latent_dim: int = 16
@@ -125,12 +131,18 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     grad_checkpoint: bool = False  # recompute the backbone's blocks in the backward pass
     skip_nonfinite: bool = False  # skip steps with a non-finite loss / gradients (else stop)
+    # > 1: skip a step whose gradient norm is more than this many times the running mean of the
+    # norms before it (0: off). A rare batch's gradient spike can undo a categorical SMD model's
+    # modes in one step (benchmarks/results/quality.md, "Gradient spikes")
+    skip_spikes: float = 0.0
     max_skips: int = 10  # ... but stop after more than this many in a row
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         d = {"fourier": 0, **d}  # runs saved before Fourier features existed had none
+        if "timestep_focus_range" in d:  # a list in JSON
+            d["timestep_focus_range"] = tuple(d["timestep_focus_range"])
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def validate(self) -> None:
@@ -155,6 +167,13 @@ class TrainConfig:
         if self.identifier_fourier and self.identifier != "categorical":
             raise ValueError(f"identifier_fourier={self.identifier_fourier} needs identifier='categorical'")
         _checked_clean_width(self.clean_width)
+        if not (self.skip_spikes == 0 or (self.skip_spikes > 1 and math.isfinite(self.skip_spikes))):
+            raise ValueError(f"skip_spikes must be 0 (off) or a finite factor > 1, got {self.skip_spikes}")
+        try:
+            _checked_focus(self.timestep_focus)
+            _checked_focus_range(self.timestep_focus_range)
+        except ValueError as err:
+            raise ValueError(f"timestep_{err}") from None
 
 
 class NonFiniteError(FloatingPointError):
@@ -275,6 +294,8 @@ class Trainer:
         self.skipped_steps = 0  # non-finite steps skipped (skip_nonfinite)
         self.consecutive_skips = 0
         self.scaler_skips = 0  # fp16 steps the gradient scaler skipped (overflow)
+        self.spike_skips = 0  # steps skipped as gradient spikes (skip_spikes)
+        self.grad_norm_mean: float | None = None  # running mean of the updates' gradient norms
         self.last_checkpoint: Path | None = None
         self._saved_step: int | None = None
 
@@ -305,13 +326,15 @@ class Trainer:
         """This rank's share of the next global batch: ``x0``, ``t``, ``noise`` (and ``eta``).
 
         The global draws come in the order and shapes that ``training_loss`` itself would
-        use for a batch of ``batch_size``, so one process reproduces an un-sliced run.
+        use for a batch of ``batch_size``, so one process reproduces an un-sliced run
+        (``t`` with ``cfg.timestep_focus``, which ``training_loss`` does not draw itself).
         """
         g, cfg = self.generator, self.cfg
         n = cfg.batch_size
         idx = torch.randint(0, self.data.shape[0], (n,), generator=g, device=g.device)
         x0 = self.data[idx.to(self.data.device)]
-        t = self.schedule.sample_timesteps(n, device=self.device, generator=g)
+        t = self.schedule.sample_timesteps(n, device=self.device, generator=g, focus=cfg.timestep_focus,
+                                           focus_range=cfg.timestep_focus_range)
         noise = torch.randn(x0.shape, generator=g, device=g.device, dtype=x0.dtype).to(self.device)
         eta = None
         if isinstance(self.model, SMD) and not self.model.categorical:  # categorical: enumerated, no eta
@@ -369,6 +392,8 @@ class Trainer:
             self._nonfinite(step, "loss" if not finite_loss else "gradients", value)
             return value
         self.consecutive_skips = 0
+        if finite_grads and self._is_spike(step, float(grad_norm), value):
+            return value
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -377,9 +402,28 @@ class Trainer:
         else:
             self.lr_scheduler.step()
             self.ema.update(self.model)
+            norm = float(grad_norm)
+            self.grad_norm_mean = norm if self.grad_norm_mean is None else 0.99 * self.grad_norm_mean + 0.01 * norm
         self.step = step
         self.losses.append(value)
         return value
+
+    def _is_spike(self, step: int, norm: float, value: float) -> bool:
+        """With ``skip_spikes``, refuse a step whose gradient norm is a spike: no update of the
+        weights, optimiser, EMA or running mean; its data are consumed and its loss recorded."""
+        factor = self.cfg.skip_spikes
+        if not factor or step <= SPIKE_WARMUP_STEPS or self.grad_norm_mean is None or norm <= factor * self.grad_norm_mean:
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():
+            self.scaler.update()  # unscale_ ran; the scaler must close the step
+        self.spike_skips += 1
+        self.step = step
+        self.losses.append(value)
+        if self.dist.is_main:
+            print(f"softmix: step {step}: gradient norm {norm:.4g} is {norm / self.grad_norm_mean:.1f}x the running "
+                  f"mean; step skipped as a spike ({self.spike_skips} so far)", file=sys.stderr)
+        return True
 
     def _nonfinite(self, step: int, what: str, value: float) -> None:
         where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint is not None
@@ -469,6 +513,8 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "consecutive_skips": self.consecutive_skips,
             "scaler_skips": self.scaler_skips,
+            "spike_skips": self.spike_skips,
+            "grad_norm_mean": self.grad_norm_mean,
             "world_size": self.dist.world_size,
         }
 
@@ -498,6 +544,8 @@ class Trainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.scaler_skips = int(state.get("scaler_skips", 0))
+        self.spike_skips = int(state.get("spike_skips", 0))
+        self.grad_norm_mean = state.get("grad_norm_mean")
 
     def _meta(self, files: dict[str, int] | None = None) -> dict:
         meta = {
