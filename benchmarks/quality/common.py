@@ -21,7 +21,8 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
   (std of the heads' ``W_out`` at init; 0, the library's default, makes a fresh SMD the plain model);
   ``t0frac`` (this share of every batch trained at the last step, ``t = 0``); ``tmid`` (this
   share of every batch at ``t`` uniform in ``[T / 50, T / 10)``, 20-100 at T = 1000, the steps on
-  which a long chain decides a sample's mode); ``wdiv`` (1: the
+  which a long chain decides a sample's mode: the library's ``TrainConfig.timestep_focus``);
+  ``wdiv`` (1: the
   mixture weights ``pi_k`` learn from the bound as it is, the likelihood divided by ``k_t``, as
   the library did before 2026-11-29: their gradient ``pi - r`` is then divided by ``k_t``; 0,
   the library's way, gives them that of the likelihood itself); ``lscale`` (1: the logits times a
@@ -53,6 +54,10 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
   noise of ``x_t`` in ``x0`` units: where ``x_t`` pins ``x0`` down more tightly than the width,
   the components must follow it);
 - ``hidden``, ``layers``, ``ff``, ``ffs`` (backbone; Fourier features and their scale), ``bs`` (batch size), ``lr``, ``method`` (sampler: ``ddpm`` | ``ddim``),
+  ``lrcos`` (1: the learning rate decays to 0 over the run, cosine), ``ema`` (the EMA decay,
+  0.995), ``beta2`` (Adam's, 0.999), ``spike`` (f > 1: skip a step whose gradient norm is over
+  ``f`` times the running mean of the updates' norms, after 100 steps: the library's
+  ``TrainConfig.skip_spikes``),
   ``pred`` (what the model predicts: ``epsilon`` | ``sample`` | ``v_prediction`` | ``mixed``:
   ``x0`` on the last step, ``t = 0``, and ``eps`` on the others; for ``plain`` and ``cat``).
 """
@@ -105,7 +110,7 @@ class Variant:
     catlast: bool = False  # cat: the mixture likelihood on the last step only (exploration)
     winit: float = 0.0  # std of the heads' W_out at init (0: the library's zero init)
     t0frac: float = 0.0  # > 0: this share of each batch at t = 0, the rest uniform (exploration)
-    tmid: float = 0.0  # > 0: this share of each batch at t in [T / 50, T / 10) (exploration)
+    tmid: float = 0.0  # > 0: this share of each batch at t in [T / 50, T / 10) (TrainConfig.timestep_focus)
     wdiv: bool = False  # cat: the weights' gradient divided by k_t (the library before 2026-11-29)
     lscale: bool = False  # cat: logits times a learned exp(a(t)) (exploration)
     idff: int = 0  # cat: Fourier features of x_t for the identifier's logits (SMD's identifier_fourier)
@@ -126,6 +131,10 @@ class Variant:
     method: str = "ddpm"
     pred: str = "epsilon"  # prediction_type
     lr: float = 1e-3
+    lrcos: bool = False  # the learning rate decays to 0 over the run (cosine) (exploration)
+    ema: float = 0.995  # EMA decay of the weights that sample
+    beta2: float = 0.999  # Adam's beta2
+    spike: float = 0.0  # > 0: skip a step whose gradient norm exceeds this times their running mean (exploration)
     bs: int = 256  # batch size
     extra: dict = field(default_factory=dict)
 
@@ -142,11 +151,11 @@ class Variant:
         for k, v in kv.items():
             if k not in types or k in ("name", "extra"):
                 raise ValueError(f"unknown variant key {k!r} in {text!r}")
-            if k in ("smd", "noeta", "addz", "catlast", "wdiv", "lscale", "xnoise", "wcap", "xfit", "ffgate", "ffsplit"):
+            if k in ("smd", "noeta", "addz", "catlast", "wdiv", "lscale", "xnoise", "wcap", "xfit", "ffgate", "ffsplit", "lrcos"):
                 out[k] = v not in ("0", "false", "False", "")
             elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim", "discrete", "cat", "idff"):
                 out[k] = int(v)
-            elif k in ("temp", "minvar", "lr", "klw", "ffs", "winit", "t0frac", "tmid", "iw", "width", "xlast"):
+            elif k in ("temp", "minvar", "lr", "klw", "ffs", "winit", "t0frac", "tmid", "iw", "width", "xlast", "ema", "beta2", "spike"):
                 out[k] = float(v)
             else:
                 out[k] = v
@@ -384,28 +393,31 @@ def num_params(model: nn.Module) -> int:
 
 
 def batch_timesteps(v: Variant, schedule: NoiseSchedule, n: int, gen: torch.Generator) -> torch.Tensor:
-    """``t (n,)`` for one batch: uniform, but a share ``t0frac`` at ``t = 0`` and a share ``tmid``
-    uniform in ``[T / 50, T / 10)``."""
-    t = schedule.sample_timesteps(n, generator=gen)
+    """``t (n,)`` for one batch: uniform, but a share ``tmid`` uniform in ``[T / 50, T / 10)``
+    (the library's ``sample_timesteps(focus=tmid)``) and a share ``t0frac`` at ``t = 0``."""
+    t = schedule.sample_timesteps(n, generator=gen, focus=v.tmid, focus_range=(0.02, 0.1))
     if v.t0frac:
         t = torch.where(torch.rand(n, generator=gen) < v.t0frac, 0, t)
-    if v.tmid:
-        lo = schedule.num_steps // 50
-        mid = torch.randint(lo, max(schedule.num_steps // 10, lo + 1), (n,), generator=gen)
-        t = torch.where(torch.rand(n, generator=gen) < v.tmid, mid, t)
     return t
 
 
 def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, iters: int, seed: int,
-          ema_decay: float = 0.995) -> tuple[nn.Module, float]:
-    """Adam + gradient clipping + EMA (as ``softmix train``); returns (EMA model, seconds/iter)."""
+          on_step=None) -> tuple[nn.Module, float]:
+    """Adam + gradient clipping + EMA (as ``softmix train``); returns (EMA model, seconds/iter).
+
+    ``on_step(step, ema, loss, grad_norm)``, if given, is called after each step (1-based) with
+    the EMA model, the step's loss and its gradient norm before clipping; what it does must leave
+    the models' weights as they are (it cannot reach ``gen``)."""
     gen = torch.Generator().manual_seed(seed + 1)
     params = list(model.parameters())
     encoder = None
     if v.smd and v.bound == "elbo":
         encoder = PosteriorEncoder.for_model(model)
         params += list(encoder.parameters())
-    opt = torch.optim.Adam(params, lr=v.lr)
+    opt = torch.optim.Adam(params, lr=v.lr, betas=(0.9, v.beta2))
+    # lrcos: lr * (1 + cos(pi s / iters)) / 2 after step s
+    lr_decay = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (1 + math.cos(math.pi * s / iters)) / 2 if v.lrcos else 1.0)
     if v.ffgate:
         model.identifier.noise_var = (1 - schedule.alphas_cumprod).float()
     ema = copy.deepcopy(model).eval()
@@ -423,8 +435,9 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
         snr = schedule.alphas_cumprod / (1 - schedule.alphas_cumprod)
         kw["weight"] = lambda t: (v.width ** 2 * snr[t]).clamp(min=1.0)
     step_weight = loss_weight(v.wt, schedule)
+    mean_norm, skipped = 0.0, 0
     t0 = time.perf_counter()
-    for _ in range(iters):
+    for step in range(iters):
         x0 = draw_batch(v.bs, gen)
         if encoder is not None:
             loss = elbo_loss(model, encoder, schedule, x0, generator=gen, **kw)
@@ -445,11 +458,20 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
                 loss = (per_example * step_weight[kw["t"]]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        grad_norm = nn.utils.clip_grad_norm_(params, 1.0)
+        if v.spike and step >= 100 and grad_norm > v.spike * mean_norm:
+            skipped += 1  # a spike: no update, and the running mean does not see it
+        else:
+            opt.step()
+            mean_norm = grad_norm.item() if step == 0 else 0.99 * mean_norm + 0.01 * grad_norm.item()
+        lr_decay.step()
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - ema_decay)
+                pe.lerp_(pm, 1 - v.ema)
+        if on_step is not None:
+            on_step(step + 1, ema, loss.item(), grad_norm.item())
+    if v.spike:
+        print(f"{v.name}: {skipped} of {iters} steps skipped as gradient spikes", flush=True)
     return ema, (time.perf_counter() - t0) / max(iters, 1)
 
 
