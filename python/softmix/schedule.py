@@ -218,7 +218,8 @@ class NoiseSchedule:
         independently) is drawn uniformly from the steps of ``focus_steps(focus_range)`` instead:
         the loss then weights those steps more (``timestep_probabilities``). On the 7x7 toy,
         ``focus=0.3`` on the steps where a sample's mode is decided (the default range) brought
-        the categorical SMD model to the data's own MMD from 10 to 50 steps; it cost at 4 steps
+        the categorical SMD model to the data's own MMD at 20 and 50 steps, helped at 10 and
+        1000 (the plain model too, at 1000), and cost at 4 steps
         (benchmarks/results/quality.md, "``timestep_focus``").
         """
         focus = _checked_focus(focus)
