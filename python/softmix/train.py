@@ -358,7 +358,8 @@ class Trainer:
     def train_step(self, batch: dict[str, torch.Tensor] | None = None) -> float:
         """One optimiser step on ``batch`` (default ``next_batch()``); returns the loss (the
         mean over all ranks). A non-finite loss or gradient raises ``NonFiniteError`` or,
-        with ``skip_nonfinite``, leaves the weights, optimiser and EMA untouched."""
+        with ``skip_nonfinite``, leaves the weights, optimiser and EMA untouched; with
+        ``skip_spikes``, so does a step whose gradient norm is a spike (``_is_spike``)."""
         cfg = self.cfg
         batch = self.next_batch() if batch is None else batch
         self.forward_model.train()

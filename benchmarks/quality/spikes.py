@@ -1,0 +1,105 @@
+"""What makes a training batch a gradient spike: trains one run on the 7x7 grid as ``gmm.py``
+does and, for every step whose gradient norm (before clipping) is over ``--factor`` times the
+running mean of the norms before it (as ``TrainConfig(skip_spikes=...)`` measures it; the run
+itself skips nothing), prints the batch's largest per-example losses with their ``t``, their
+``x0`` and how far that ``x0`` lies from its nearest mode, in the modes' std.
+
+    python benchmarks/quality/spikes.py --steps 1000 --seed 1 --iters 5700 \
+        --variant "smd:cat=128,pred=sample,idff=64" --tag spikes-cat-s1
+
+Writes ``<out>/<tag>.md``. The training is ``gmm.py``'s to the last digit: the per-example
+losses are the loss's own (``training_loss(..., reduction="none")``, whose mean is the loss),
+and ``t`` is drawn from the run's generator just as ``training_loss`` would draw it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from common import Variant, build_model, markdown_table, train  # noqa: E402
+
+from softmix import NoiseSchedule  # noqa: E402
+from softmix.data import TOY_MIXTURES  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variant", required=True)
+    p.add_argument("--steps", type=int, default=1000, help="T")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iters", type=int, default=3000)
+    p.add_argument("--factor", type=float, default=10.0, help="a spike: norm over this times the running mean")
+    p.add_argument("--warmup", type=int, default=100, help="no spikes counted in the first this many steps")
+    p.add_argument("--top", type=int, default=3, help="examples shown per spike")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--tag", default="spikes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    v = Variant.parse(args.variant)
+    if v.spike or v.t0frac or v.wt or v.pred == "mixed" or v.catlast or v.wdiv or v.bound == "elbo":
+        raise SystemExit(f"{args.variant}: spikes.py follows the plain training_loss path of common.train only")
+    mixture = TOY_MIXTURES["gmm"]()
+    schedule = NoiseSchedule(args.steps)
+    batch: dict = {}
+    original = common.softmix.training_loss
+
+    def recording_loss(model, schedule, x0, generator=None, **kw):
+        if "t" not in kw:  # drawn first from the same generator, as training_loss itself would
+            kw["t"] = schedule.sample_timesteps(x0.shape[0], generator=generator)
+        per_example = original(model, schedule, x0, generator=generator, reduction="none", **kw)
+        batch.update(x0=x0, t=kw["t"], losses=per_example.detach())
+        return per_example.mean()
+
+    rows, mean_norm, start = [], None, time.perf_counter()
+
+    def on_step(step: int, ema, loss: float, grad_norm: float) -> None:
+        nonlocal mean_norm
+        if step > args.warmup and grad_norm > args.factor * mean_norm:
+            losses, t, x0 = batch["losses"], batch["t"], batch["x0"]
+            nearest = torch.cdist(x0, mixture.means).min(dim=1)
+            dist = nearest.values / mixture.stds[nearest.indices]
+            for rank, i in enumerate(losses.argsort(descending=True)[: args.top].tolist()):
+                rows.append([str(step) if rank == 0 else "", f"{grad_norm / mean_norm:.0f}x" if rank == 0 else "",
+                             f"{loss:.2f}" if rank == 0 else "", f"{losses[i]:.1f}", str(int(t[i])),
+                             f"({x0[i, 0]:.3f}, {x0[i, 1]:.3f})", f"{dist[i]:.1f}",
+                             f"{losses.median():.2f}" if rank == 0 else ""])
+            print(f"[{time.perf_counter() - start:6.0f}s] step {step}: gradient norm {grad_norm:.3g} = "
+                  f"{grad_norm / mean_norm:.0f}x the mean; batch loss {loss:.2f}; largest example loss "
+                  f"{losses.max():.1f} at t = {int(t[losses.argmax()])}", flush=True)
+            return  # a spike does not enter the running mean, as in TrainConfig(skip_spikes=...)
+        mean_norm = grad_norm if mean_norm is None else 0.99 * mean_norm + 0.01 * grad_norm
+
+    common.softmix.training_loss = recording_loss
+    try:
+        torch.manual_seed(args.seed)  # initialisation, as gmm.py
+        train(build_model(v, (2,)), v, schedule, lambda n, g: mixture.sample(n, g), args.iters, args.seed,
+              on_step=on_step)
+    finally:
+        common.softmix.training_loss = original
+
+    command = "python benchmarks/quality/spikes.py " + " ".join(f'"{a}"' if " " in a else a for a in sys.argv[1:])
+    text = (f"<!-- {command} -->\n\nGrid, T = {args.steps}, `{args.variant}`, seed {args.seed}, {args.iters} "
+            f"training steps: the steps whose gradient norm was over {args.factor:g}x the running mean, and "
+            f"their {args.top} largest per-example losses (`x0`'s distance to its nearest mode in the modes' std).\n\n"
+            + markdown_table(["step", "norm / mean", "batch loss", "example loss", "t", "x0", "distance", "median loss"],
+                             rows))
+    out = Path(args.out) / f"{args.tag}.md"
+    out.write_text(text)
+    print(text + f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
