@@ -64,9 +64,12 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
+import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -544,3 +547,38 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def add_run_args(p: argparse.ArgumentParser, iters: int, tag: str) -> None:
+    """The options of a script that trains one run of one variant on the grid (``trajectory.py``,
+    ``spikes.py``): ``--variant --steps --seed --iters --out --tag --threads``."""
+    p.add_argument("--variant", required=True)
+    p.add_argument("--steps", type=int, default=1000, help="diffusion steps T")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iters", type=int, default=iters, help="training steps")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--tag", default=tag)
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+
+
+def parse_run_args(p: argparse.ArgumentParser, argv=None):
+    """``(args, variant, mixture, schedule)`` for ``add_run_args``' options, on the 7x7 grid, with
+    ``torch`` set to ``--threads`` threads."""
+    from softmix.data import TOY_MIXTURES
+
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args, Variant.parse(args.variant), TOY_MIXTURES["gmm"](), NoiseSchedule(args.steps)
+
+
+def write_report(args: argparse.Namespace, description: str, header: list[str], rows: list[list[str]]) -> None:
+    """``<args.out>/<args.tag>.md``: the script's command line, ``description`` and the table; printed too."""
+    script = Path(sys.argv[0]).resolve().relative_to(Path(__file__).resolve().parents[2])
+    command = f"python {script} " + " ".join(f'"{a}"' if " " in a else a for a in sys.argv[1:])
+    text = f"<!-- {command} -->\n\n{description}\n\n" + markdown_table(header, rows)
+    out = Path(args.out) / f"{args.tag}.md"
+    out.write_text(text)
+    print(text + f"\nwrote {out}")

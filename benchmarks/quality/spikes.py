@@ -24,34 +24,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from common import Variant, build_model, markdown_table, train  # noqa: E402
-
-from softmix import NoiseSchedule  # noqa: E402
-from softmix.data import TOY_MIXTURES  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+from common import add_run_args, build_model, parse_run_args, train, write_report  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variant", required=True)
-    p.add_argument("--steps", type=int, default=1000, help="T")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--iters", type=int, default=3000)
+    add_run_args(p, iters=3000, tag="spikes")
     p.add_argument("--factor", type=float, default=10.0, help="a spike: norm over this times the running mean")
     p.add_argument("--warmup", type=int, default=100, help="no spikes counted in the first this many steps")
     p.add_argument("--top", type=int, default=3, help="examples shown per spike")
-    p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--tag", default="spikes")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-
-    v = Variant.parse(args.variant)
+    args, v, mixture, schedule = parse_run_args(p, argv)
     if v.spike or v.t0frac or v.wt or v.pred == "mixed" or v.catlast or v.wdiv or v.bound == "elbo":
         raise SystemExit(f"{args.variant}: spikes.py follows the plain training_loss path of common.train only")
-    mixture = TOY_MIXTURES["gmm"]()
-    schedule = NoiseSchedule(args.steps)
     batch: dict = {}
     original = common.softmix.training_loss
 
@@ -89,15 +73,10 @@ def main(argv=None) -> int:
     finally:
         common.softmix.training_loss = original
 
-    command = "python benchmarks/quality/spikes.py " + " ".join(f'"{a}"' if " " in a else a for a in sys.argv[1:])
-    text = (f"<!-- {command} -->\n\nGrid, T = {args.steps}, `{args.variant}`, seed {args.seed}, {args.iters} "
-            f"training steps: the steps whose gradient norm was over {args.factor:g}x the running mean, and "
-            f"their {args.top} largest per-example losses (`x0`'s distance to its nearest mode in the modes' std).\n\n"
-            + markdown_table(["step", "norm / mean", "batch loss", "example loss", "t", "x0", "distance", "median loss"],
-                             rows))
-    out = Path(args.out) / f"{args.tag}.md"
-    out.write_text(text)
-    print(text + f"\nwrote {out}")
+    write_report(args, f"Grid, T = {args.steps}, `{args.variant}`, seed {args.seed}, {args.iters} training steps: "
+                 f"the steps whose gradient norm was over {args.factor:g}x the running mean, and their {args.top} "
+                 "largest per-example losses (`x0`'s distance to its nearest mode in the modes' std).",
+                 ["step", "norm / mean", "batch loss", "example loss", "t", "x0", "distance", "median loss"], rows)
     return 0
 
 

@@ -22,34 +22,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Variant, build_model, draw_samples, markdown_table, mode_shares, train  # noqa: E402
+from common import (  # noqa: E402
+    add_run_args, build_model, draw_samples, mode_shares, parse_run_args, train, write_report)
 
-from softmix import NoiseSchedule  # noqa: E402
-from softmix.data import TOY_MIXTURES  # noqa: E402
 from softmix.metrics import mixture_metrics  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variant", required=True)
-    p.add_argument("--steps", type=int, default=1000, help="T (trained and sampled at T)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--iters", type=int, default=9000)
+    add_run_args(p, iters=9000, tag="trajectory")
     p.add_argument("--every", type=int, default=1000, help="evaluate every this many training steps")
     p.add_argument("--num", type=int, default=2000, help="samples per evaluation")
-    p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--tag", default="trajectory")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-
-    v = Variant.parse(args.variant)
-    mixture = TOY_MIXTURES["gmm"]()
+    args, v, mixture, schedule = parse_run_args(p, argv)
     draw_data = lambda n, g: mixture.sample(n, g)  # noqa: E731
     reference = mixture.sample(args.num, torch.Generator().manual_seed(20_000 + args.seed))
-    schedule = NoiseSchedule(args.steps)
     rows, window, start = [], [], time.perf_counter()
 
     def evaluate(step: int, ema, loss: float, grad_norm: float) -> None:
@@ -70,14 +56,10 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)  # initialisation, as gmm.py
     train(build_model(v, (2,)), v, schedule, draw_data, args.iters, args.seed, on_step=evaluate)
 
-    command = "python benchmarks/quality/trajectory.py " + " ".join(f'"{a}"' if " " in a else a for a in sys.argv[1:])
-    text = (f"<!-- {command} -->\n\nGrid, T = {args.steps}, `{args.variant}`, seed {args.seed}; the EMA model's "
-            f"samples ({args.num}) every {args.every} training steps.\n\n"
-            + markdown_table(["training step", "hq %", "modes", "mmd", "mmd-shares", "chi2", "mean loss",
-                             "max loss", "max gradient norm"], rows))
-    out = Path(args.out) / f"{args.tag}.md"
-    out.write_text(text)
-    print(text + f"\nwrote {out}")
+    write_report(args, f"Grid, T = {args.steps}, `{args.variant}`, seed {args.seed}; the EMA model's samples "
+                 f"({args.num}) every {args.every} training steps.",
+                 ["training step", "hq %", "modes", "mmd", "mmd-shares", "chi2", "mean loss", "max loss",
+                  "max gradient norm"], rows)
     return 0
 
 
