@@ -69,8 +69,8 @@ import copy
 import math
 import sys
 import time
-from pathlib import Path
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 from torch import nn
