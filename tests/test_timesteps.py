@@ -84,7 +84,7 @@ def test_bad_focus_is_refused(focus, focus_range, message):
         TrainConfig(timestep_focus=focus, timestep_focus_range=focus_range).validate()
 
 
-def test_trainer_draws_its_batches_from_the_focus(tmp_path):
+def test_trainer_draws_its_batches_from_the_focus():
     cfg = TrainConfig(iters=1, batch_size=64, num_steps=40, hidden=16, layers=1, latent_dim=4, num_data=256,
                       timestep_focus=1.0, timestep_focus_range=(0.5, 0.75))
     trainer = Trainer(cfg)
