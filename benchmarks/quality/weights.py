@@ -31,6 +31,7 @@ import common  # noqa: E402
 
 from softmix import NoiseSchedule  # noqa: E402
 from softmix.data import gmm  # noqa: E402
+from softmix.metrics import true_posterior  # noqa: E402
 
 NEAR = 0.1
 
@@ -59,10 +60,7 @@ def mode_calibration(model, mixture, schedule: NoiseSchedule, x0: torch.Tensor, 
     pi = model.last_log_weights.exp().double()  # (n, K)
     component_mode = torch.cdist(out.double(), mixture.means.double()).argmin(-1).T  # (n, K)
     per_mode = torch.zeros(n, modes, dtype=torch.float64).scatter_add_(1, component_mode, pi)
-    # p(j | x_t) of an equal-weight mixture: x_t | j ~ N(sqrt(a) mu_j, (a s_j^2 + 1 - a) I)
-    var = a * mixture.stds.double() ** 2 + 1 - a  # (modes,)
-    d2 = torch.cdist(x_t.double(), a.sqrt() * mixture.means.double()).square()
-    truth = torch.softmax(-d2 / (2 * var) - 0.5 * x0.shape[1] * var.log(), dim=1)
+    truth = true_posterior(mixture, x_t, float(a), 1.0)[0].exp()  # p(j | x_t), (n, modes)
     tv = float(0.5 * (per_mode - truth).abs().sum(1).mean())
     return tv, float((modes * per_mode.mean(0)).std()), float((modes * truth.mean(0)).std())
 
