@@ -83,6 +83,7 @@ from softmix.head import SMDHead, timestep_embedding
 from softmix.loss import categorical_bound, gradient_scaled, noised_batch, step_precision
 from softmix.metrics import mixture_metrics
 from softmix.posterior import PosteriorEncoder, elbo_loss
+from softmix.train import SPIKE_WARMUP_STEPS, is_gradient_spike, running_norm_mean
 
 # names used in the tables for the built-in variants
 PRESETS = {
@@ -438,7 +439,7 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
         snr = schedule.alphas_cumprod / (1 - schedule.alphas_cumprod)
         kw["weight"] = lambda t: (v.width ** 2 * snr[t]).clamp(min=1.0)
     step_weight = loss_weight(v.wt, schedule)
-    mean_norm, skipped = 0.0, 0
+    mean_norm, skipped = None, 0
     t0 = time.perf_counter()
     for step in range(iters):
         x0 = draw_batch(v.bs, gen)
@@ -461,18 +462,18 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
                 loss = (per_example * step_weight[kw["t"]]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(params, 1.0)
-        if v.spike and step >= 100 and grad_norm > v.spike * mean_norm:
+        grad_norm = nn.utils.clip_grad_norm_(params, 1.0).item()
+        if is_gradient_spike(grad_norm, mean_norm, v.spike, step + 1, SPIKE_WARMUP_STEPS):
             skipped += 1  # a spike: no update, and the running mean does not see it
         else:
             opt.step()
-            mean_norm = grad_norm.item() if step == 0 else 0.99 * mean_norm + 0.01 * grad_norm.item()
+            mean_norm = running_norm_mean(mean_norm, grad_norm)
         lr_decay.step()
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - v.ema)
         if on_step is not None:
-            on_step(step + 1, ema, loss.item(), grad_norm.item())
+            on_step(step + 1, ema, loss.item(), grad_norm)
     if v.spike:
         print(f"{v.name}: {skipped} of {iters} steps skipped as gradient spikes", flush=True)
     return ema, (time.perf_counter() - t0) / max(iters, 1)

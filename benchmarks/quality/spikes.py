@@ -26,12 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import add_run_args, build_model, parse_run_args, train, write_report  # noqa: E402
 
+from softmix.train import SPIKE_WARMUP_STEPS, is_gradient_spike, running_norm_mean  # noqa: E402
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_args(p, iters=3000, tag="spikes")
     p.add_argument("--factor", type=float, default=10.0, help="a spike: norm over this times the running mean")
-    p.add_argument("--warmup", type=int, default=100, help="no spikes counted in the first this many steps")
+    p.add_argument("--warmup", type=int, default=SPIKE_WARMUP_STEPS, help="no spikes counted in the first this many steps")
     p.add_argument("--top", type=int, default=3, help="examples shown per spike")
     args, v, mixture, schedule = parse_run_args(p, argv)
     if v.spike or v.t0frac or v.wt or v.pred == "mixed" or v.catlast or v.wdiv or v.bound == "elbo":
@@ -50,7 +52,7 @@ def main(argv=None) -> int:
 
     def on_step(step: int, ema, loss: float, grad_norm: float) -> None:
         nonlocal mean_norm
-        if step > args.warmup and grad_norm > args.factor * mean_norm:
+        if is_gradient_spike(grad_norm, mean_norm, args.factor, step, args.warmup):
             losses, t, x0 = batch["losses"], batch["t"], batch["x0"]
             nearest = torch.cdist(x0, mixture.means).min(dim=1)
             dist = nearest.values / mixture.stds[nearest.indices]
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
                   f"{grad_norm / mean_norm:.0f}x the mean; batch loss {loss:.2f}; largest example loss "
                   f"{losses.max():.1f} at t = {int(t[losses.argmax()])}", flush=True)
             return  # a spike does not enter the running mean, as in TrainConfig(skip_spikes=...)
-        mean_norm = grad_norm if mean_norm is None else 0.99 * mean_norm + 0.01 * grad_norm
+        mean_norm = running_norm_mean(mean_norm, grad_norm)
 
     common.softmix.training_loss = recording_loss
     try:

@@ -89,6 +89,17 @@ _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SPIKE_WARMUP_STEPS = 100
 
 
+def is_gradient_spike(norm: float, mean: float | None, factor: float, step: int, warmup: int) -> bool:
+    """``skip_spikes``' test: after ``warmup`` steps (``step`` is 1-based), a gradient norm over
+    ``factor`` (0: off) times ``mean``, the running mean of the accepted steps' norms."""
+    return bool(factor) and step > warmup and mean is not None and norm > factor * mean
+
+
+def running_norm_mean(mean: float | None, norm: float) -> float:
+    """The running mean (decay 0.99) of the accepted steps' gradient norms, with ``norm`` added."""
+    return norm if mean is None else 0.99 * mean + 0.01 * norm
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (written to ``config.json``)."""
@@ -383,7 +394,8 @@ class Trainer:
         value = float(dist_utils.all_reduce_mean(value) if self.dist.distributed else value)
         step = self.step + 1
         finite_loss = math.isfinite(value)
-        finite_grads = bool(torch.isfinite(grad_norm))
+        norm = float(grad_norm)
+        finite_grads = math.isfinite(norm)
         if not finite_loss or (not finite_grads and not self.scaler.is_enabled()):
             # (with fp16, overflowing gradients are the scaler's business: it skips the step
             # and lowers the scale; a non-finite loss is not an overflow it can fix)
@@ -393,7 +405,7 @@ class Trainer:
             self._nonfinite(step, "loss" if not finite_loss else "gradients", value)
             return value
         self.consecutive_skips = 0
-        if finite_grads and self._is_spike(step, float(grad_norm), value):
+        if finite_grads and self._is_spike(step, norm, value):
             return value
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
@@ -403,8 +415,7 @@ class Trainer:
         else:
             self.lr_scheduler.step()
             self.ema.update(self.model)
-            norm = float(grad_norm)
-            self.grad_norm_mean = norm if self.grad_norm_mean is None else 0.99 * self.grad_norm_mean + 0.01 * norm
+            self.grad_norm_mean = running_norm_mean(self.grad_norm_mean, norm)
         self.step = step
         self.losses.append(value)
         return value
@@ -412,8 +423,7 @@ class Trainer:
     def _is_spike(self, step: int, norm: float, value: float) -> bool:
         """With ``skip_spikes``, refuse a step whose gradient norm is a spike: no update of the
         weights, optimiser, EMA or running mean; its data are consumed and its loss recorded."""
-        factor = self.cfg.skip_spikes
-        if not factor or step <= SPIKE_WARMUP_STEPS or self.grad_norm_mean is None or norm <= factor * self.grad_norm_mean:
+        if not is_gradient_spike(norm, self.grad_norm_mean, self.cfg.skip_spikes, step, SPIKE_WARMUP_STEPS):
             return False
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler.is_enabled():
