@@ -56,8 +56,11 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
 - ``hidden``, ``layers``, ``ff``, ``ffs`` (backbone; Fourier features and their scale), ``bs`` (batch size), ``lr``, ``method`` (sampler: ``ddpm`` | ``ddim``),
   ``lrcos`` (1: the learning rate decays to 0 over the run, cosine), ``ema`` (the EMA decay,
   0.995), ``beta2`` (Adam's, 0.999), ``spike`` (f > 1: skip a step whose gradient norm is over
-  ``f`` times the running mean of the updates' norms, after 100 steps: the library's
-  ``TrainConfig.skip_spikes``),
+  ``f`` times the running mean of the updates' norms, after 100 steps, and take the 21st in a
+  row: the library's ``TrainConfig.skip_spikes``, ``softmix.train.SpikeFilter``), ``floor`` (c > 0: each example's loss ``L`` becomes
+  ``-log(exp(-L) + exp(-c))``, as if the mixture had a flat background component of density
+  ``exp(-c)``: an example that no component covers adds at most ``c`` to the loss and nearly no
+  gradient; ``floorfrom`` (n): from training step ``n`` on),
   ``pred`` (what the model predicts: ``epsilon`` | ``sample`` | ``v_prediction`` | ``mixed``:
   ``x0`` on the last step, ``t = 0``, and ``eps`` on the others; for ``plain`` and ``cat``).
 """
@@ -83,7 +86,7 @@ from softmix.head import SMDHead, timestep_embedding
 from softmix.loss import categorical_bound, gradient_scaled, noised_batch, step_precision
 from softmix.metrics import mixture_metrics
 from softmix.posterior import PosteriorEncoder, elbo_loss
-from softmix.train import SPIKE_WARMUP_STEPS, is_gradient_spike, running_norm_mean
+from softmix.train import SpikeFilter
 
 # names used in the tables for the built-in variants
 PRESETS = {
@@ -139,6 +142,8 @@ class Variant:
     ema: float = 0.995  # EMA decay of the weights that sample
     beta2: float = 0.999  # Adam's beta2
     spike: float = 0.0  # > 0: skip a step whose gradient norm exceeds this times their running mean (exploration)
+    floor: float = 0.0  # > 0: each example's loss L becomes -log(exp(-L) + exp(-floor)) (exploration)
+    floorfrom: int = 0  # floor: from this training step on
     bs: int = 256  # batch size
     extra: dict = field(default_factory=dict)
 
@@ -157,9 +162,9 @@ class Variant:
                 raise ValueError(f"unknown variant key {k!r} in {text!r}")
             if k in ("smd", "noeta", "addz", "catlast", "wdiv", "lscale", "xnoise", "wcap", "xfit", "ffgate", "ffsplit", "lrcos"):
                 out[k] = v not in ("0", "false", "False", "")
-            elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim", "discrete", "cat", "idff"):
+            elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim", "discrete", "cat", "idff", "floorfrom"):
                 out[k] = int(v)
-            elif k in ("temp", "minvar", "lr", "klw", "ffs", "winit", "t0frac", "tmid", "iw", "width", "xlast", "ema", "beta2", "spike"):
+            elif k in ("temp", "minvar", "lr", "klw", "ffs", "winit", "t0frac", "tmid", "iw", "width", "xlast", "ema", "beta2", "spike", "floor"):
                 out[k] = float(v)
             else:
                 out[k] = v
@@ -439,7 +444,7 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
         snr = schedule.alphas_cumprod / (1 - schedule.alphas_cumprod)
         kw["weight"] = lambda t: (v.width ** 2 * snr[t]).clamp(min=1.0)
     step_weight = loss_weight(v.wt, schedule)
-    mean_norm, skipped = None, 0
+    spikes = SpikeFilter(v.spike)
     t0 = time.perf_counter()
     for step in range(iters):
         x0 = draw_batch(v.bs, gen)
@@ -454,7 +459,10 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
         else:
             if v.t0frac or v.tmid:
                 kw["t"] = batch_timesteps(v, schedule, x0.shape[0], gen)
-            if step_weight is None:
+            if v.floor and step >= v.floorfrom:
+                per_example = softmix.training_loss(model, schedule, x0, generator=gen, reduction="none", **kw)
+                loss = -torch.logaddexp(-per_example, per_example.new_tensor(-v.floor)).mean()
+            elif step_weight is None:
                 loss = softmix.training_loss(model, schedule, x0, generator=gen, **kw)
             else:
                 kw["t"] = schedule.sample_timesteps(x0.shape[0], generator=gen)
@@ -463,11 +471,9 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(params, 1.0).item()
-        if is_gradient_spike(grad_norm, mean_norm, v.spike, step + 1, SPIKE_WARMUP_STEPS):
-            skipped += 1  # a spike: no update, and the running mean does not see it
-        else:
+        if not spikes.skip(grad_norm, step + 1):  # a spike: no update, and the running mean does not see it
             opt.step()
-            mean_norm = running_norm_mean(mean_norm, grad_norm)
+            spikes.took(grad_norm)
         lr_decay.step()
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
@@ -475,7 +481,7 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
         if on_step is not None:
             on_step(step + 1, ema, loss.item(), grad_norm)
     if v.spike:
-        print(f"{v.name}: {skipped} of {iters} steps skipped as gradient spikes", flush=True)
+        print(f"{v.name}: {spikes.skips} of {iters} steps skipped as gradient spikes", flush=True)
     return ema, (time.perf_counter() - t0) / max(iters, 1)
 
 

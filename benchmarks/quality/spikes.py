@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import add_run_args, build_model, parse_run_args, train, write_report  # noqa: E402
 
-from softmix.train import SPIKE_WARMUP_STEPS, is_gradient_spike, running_norm_mean  # noqa: E402
+from softmix.train import SPIKE_WARMUP_STEPS, SpikeFilter  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -48,11 +48,11 @@ def main(argv=None) -> int:
         batch.update(x0=x0, t=kw["t"], losses=per_example.detach())
         return per_example.mean()
 
-    rows, mean_norm, start = [], None, time.perf_counter()
+    rows, spikes, start = [], SpikeFilter(args.factor, args.warmup), time.perf_counter()
 
     def on_step(step: int, ema, loss: float, grad_norm: float) -> None:
-        nonlocal mean_norm
-        if is_gradient_spike(grad_norm, mean_norm, args.factor, step, args.warmup):
+        mean_norm = spikes.mean
+        if spikes.skip(grad_norm, step):
             losses, t, x0 = batch["losses"], batch["t"], batch["x0"]
             nearest = torch.cdist(x0, mixture.means).min(dim=1)
             dist = nearest.values / mixture.stds[nearest.indices]
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
                   f"{grad_norm / mean_norm:.0f}x the mean; batch loss {loss:.2f}; largest example loss "
                   f"{losses.max():.1f} at t = {int(t[losses.argmax()])}", flush=True)
             return  # a spike does not enter the running mean, as in TrainConfig(skip_spikes=...)
-        mean_norm = running_norm_mean(mean_norm, grad_norm)
+        spikes.took(grad_norm)
 
     common.softmix.training_loss = recording_loss
     try:

@@ -74,7 +74,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     from softmix.categorical import DEFAULT_NUM_COMPONENTS, LONG_CHAIN_FOURIER
     from softmix.loss import BOUNDS, DEFAULT_CLEAN_WIDTH
     from softmix.schedule import DEFAULT_FOCUS_RANGE, PREDICTION_TYPES, SCHEDULE_KINDS
-    from softmix.train import IDENTIFIERS, PRECISIONS
+    from softmix.train import IDENTIFIERS, PRECISIONS, SPIKE_PATIENCE
 
     p.add_argument("--data", default="gmm", help="gmm | gmm-ring | gmm-widths | gmm-d8 | gmm-d32 | digits | a folder of images (default gmm)")
     p.add_argument("--iters", type=_positive_int, default=2000, help="training steps (default 2000)")
@@ -130,7 +130,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="skip steps whose loss or gradients are not finite (default: stop with an error)")
     p.add_argument("--skip-spikes", type=_number(float, "0 (off) or a factor > 1", lambda v: v == 0 or 1 < v < math.inf),
                    default=0.0, metavar="FACTOR",
-                   help="skip a step whose gradient norm is over FACTOR times the running mean (e.g. 10; default 0: off)")
+                   help="skip a step whose gradient norm is over FACTOR times the running mean (e.g. 10; default 0: "
+                        f"off); after {SPIKE_PATIENCE} such steps in a row the next is taken as a new scale")
     p.add_argument("--max-skips", type=_nonnegative_int, default=10,
                    help="with --skip-nonfinite, stop after more than this many non-finite steps in a row")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -315,7 +316,7 @@ def _train(parser, args) -> int:
         tail = [v for v in losses[-50:] if v == v and abs(v) != float("inf")] or [float("nan")]
         procs = f" on {trainer.dist.world_size} processes" if trainer.dist.distributed else ""
         skipped = f"; skipped {trainer.skipped_steps} non-finite steps" if trainer.skipped_steps else ""
-        skipped += f"; skipped {trainer.spike_skips} gradient spikes" if trainer.spike_skips else ""
+        skipped += f"; skipped {trainer.spikes.skips} gradient spikes" if trainer.spikes.skips else ""
         print(f"trained {'SMD' if trainer.cfg.smd else 'plain'} model for {trainer.step} steps{procs} in "
               f"{time.time() - start:.1f}s; final loss {sum(tail) / len(tail):.4f}{skipped}; "
               f"checkpoint: {trainer.last_checkpoint}")

@@ -87,17 +87,42 @@ IDENTIFIERS = ("gaussian", "categorical")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # skip_spikes: the running mean of the gradient norms (decay 0.99) must see this many steps first
 SPIKE_WARMUP_STEPS = 100
+# skip_spikes: a norm that stays over the factor this many steps in a row is a new scale, not a
+# spike: the next such step is taken and the running mean restarts from it, so a run is never
+# frozen (at a factor of 3 a collapsing run skipped 249 of its last 277 steps: quality.md)
+SPIKE_PATIENCE = 20
 
 
-def is_gradient_spike(norm: float, mean: float | None, factor: float, step: int, warmup: int) -> bool:
-    """``skip_spikes``' test: after ``warmup`` steps (``step`` is 1-based), a gradient norm over
-    ``factor`` (0: off) times ``mean``, the running mean of the accepted steps' norms."""
-    return bool(factor) and step > warmup and mean is not None and norm > factor * mean
+class SpikeFilter:
+    """``skip_spikes``' rule. After ``warmup`` steps, a step whose gradient norm is over
+    ``factor`` (0: off) times ``mean``, the running mean (decay 0.99) of the taken steps' norms,
+    is a spike, to be skipped; after ``patience`` spikes in a row the step is taken and the mean
+    restarts from its norm. ``skips`` counts the skipped steps."""
 
+    def __init__(self, factor: float, warmup: int | None = None, patience: int | None = None):
+        self.factor = factor
+        self.warmup = SPIKE_WARMUP_STEPS if warmup is None else warmup
+        self.patience = SPIKE_PATIENCE if patience is None else patience
+        self.mean: float | None = None
+        self.skips = 0
+        self.in_a_row = 0  # spikes skipped since the last taken step
 
-def running_norm_mean(mean: float | None, norm: float) -> float:
-    """The running mean (decay 0.99) of the accepted steps' gradient norms, with ``norm`` added."""
-    return norm if mean is None else 0.99 * mean + 0.01 * norm
+    def skip(self, norm: float, step: int) -> bool:
+        """Whether to skip ``step`` (1-based), whose gradient norm is ``norm``; counts the skip.
+        After a ``False``, call ``took(norm)`` once the step has updated the weights."""
+        if not (self.factor and step > self.warmup and self.mean is not None and norm > self.factor * self.mean):
+            return False
+        if self.in_a_row >= self.patience:
+            self.mean = None  # a new scale: took() restarts the mean from this norm
+            return False
+        self.skips += 1
+        self.in_a_row += 1
+        return True
+
+    def took(self, norm: float) -> None:
+        """A step with gradient norm ``norm`` updated the weights: it joins the running mean."""
+        self.in_a_row = 0
+        self.mean = norm if self.mean is None else 0.99 * self.mean + 0.01 * norm
 
 
 @dataclass
@@ -143,8 +168,9 @@ class TrainConfig:
     grad_checkpoint: bool = False  # recompute the backbone's blocks in the backward pass
     skip_nonfinite: bool = False  # skip steps with a non-finite loss / gradients (else stop)
     # > 1: skip a step whose gradient norm is more than this many times the running mean of the
-    # norms before it (0: off). A rare batch's gradient spike can undo a categorical SMD model's
-    # modes in one step (benchmarks/results/quality.md, "Gradient spikes")
+    # norms before it (0: off; after SPIKE_PATIENCE such steps in a row the next is taken as a new
+    # scale: SpikeFilter). A rare batch's gradient spike can undo a categorical SMD model's modes
+    # in one step (benchmarks/results/quality.md, "Gradient spikes")
     skip_spikes: float = 0.0
     max_skips: int = 10  # ... but stop after more than this many in a row
 
@@ -305,8 +331,7 @@ class Trainer:
         self.skipped_steps = 0  # non-finite steps skipped (skip_nonfinite)
         self.consecutive_skips = 0
         self.scaler_skips = 0  # fp16 steps the gradient scaler skipped (overflow)
-        self.spike_skips = 0  # steps skipped as gradient spikes (skip_spikes)
-        self.grad_norm_mean: float | None = None  # running mean of the updates' gradient norms
+        self.spikes = SpikeFilter(cfg.skip_spikes)  # skip_spikes' running mean and count
         self.last_checkpoint: Path | None = None
         self._saved_step: int | None = None
 
@@ -407,6 +432,7 @@ class Trainer:
         self.consecutive_skips = 0
         if finite_grads and self._is_spike(step, norm, value):
             return value
+        new_scale = self.spikes.in_a_row >= self.spikes.patience
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -415,7 +441,11 @@ class Trainer:
         else:
             self.lr_scheduler.step()
             self.ema.update(self.model)
-            self.grad_norm_mean = running_norm_mean(self.grad_norm_mean, norm)
+            self.spikes.took(norm)
+            if new_scale and self.dist.is_main:
+                print(f"softmix: step {step}: the gradient norm has been over {self.cfg.skip_spikes:g}x the running "
+                      f"mean {self.spikes.patience} steps in a row; step taken as a new scale, the mean restarts "
+                      f"from it ({norm:.4g})", file=sys.stderr)
         self.step = step
         self.losses.append(value)
         return value
@@ -423,17 +453,17 @@ class Trainer:
     def _is_spike(self, step: int, norm: float, value: float) -> bool:
         """With ``skip_spikes``, refuse a step whose gradient norm is a spike: no update of the
         weights, optimiser, EMA or running mean; its data are consumed and its loss recorded."""
-        if not is_gradient_spike(norm, self.grad_norm_mean, self.cfg.skip_spikes, step, SPIKE_WARMUP_STEPS):
+        mean = self.spikes.mean
+        if not self.spikes.skip(norm, step):
             return False
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler.is_enabled():
             self.scaler.update()  # unscale_ ran; the scaler must close the step
-        self.spike_skips += 1
         self.step = step
         self.losses.append(value)
         if self.dist.is_main:
-            print(f"softmix: step {step}: gradient norm {norm:.4g} is {norm / self.grad_norm_mean:.1f}x the running "
-                  f"mean; step skipped as a spike ({self.spike_skips} so far)", file=sys.stderr)
+            print(f"softmix: step {step}: gradient norm {norm:.4g} is {norm / mean:.1f}x the running "
+                  f"mean; step skipped as a spike ({self.spikes.skips} so far)", file=sys.stderr)
         return True
 
     def _nonfinite(self, step: int, what: str, value: float) -> None:
@@ -524,8 +554,9 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "consecutive_skips": self.consecutive_skips,
             "scaler_skips": self.scaler_skips,
-            "spike_skips": self.spike_skips,
-            "grad_norm_mean": self.grad_norm_mean,
+            "spike_skips": self.spikes.skips,
+            "grad_norm_mean": self.spikes.mean,
+            "spikes_in_a_row": self.spikes.in_a_row,
             "world_size": self.dist.world_size,
         }
 
@@ -555,8 +586,9 @@ class Trainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.scaler_skips = int(state.get("scaler_skips", 0))
-        self.spike_skips = int(state.get("spike_skips", 0))
-        self.grad_norm_mean = state.get("grad_norm_mean")
+        self.spikes.skips = int(state.get("spike_skips", 0))
+        self.spikes.mean = state.get("grad_norm_mean")
+        self.spikes.in_a_row = int(state.get("spikes_in_a_row", 0))
 
     def _meta(self, files: dict[str, int] | None = None) -> dict:
         meta = {
