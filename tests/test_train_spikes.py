@@ -47,6 +47,20 @@ def _run_with_snapshots(trainer, iters):
     return snaps
 
 
+def _record_norms(monkeypatch):
+    """The list that every step's gradient norm (before clipping) is appended to."""
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(params, max_norm, *args, **kwargs):
+        norm = clip(params, max_norm, *args, **kwargs)
+        norms.append(float(norm))
+        return norm
+
+    monkeypatch.setattr(T.nn.utils, "clip_grad_norm_", recording_clip)
+    return norms
+
+
 def test_a_spike_is_skipped_and_training_goes_on(monkeypatch, capsys, one_thread):
     _spike(monkeypatch, {9})
     trainer = Trainer(TrainConfig(data="gmm", iters=12, skip_spikes=10.0, **TINY_CONFIG))
@@ -78,15 +92,7 @@ def test_no_skip_before_the_running_mean_has_seen_the_warmup(monkeypatch, one_th
 
 
 def test_the_running_mean_is_the_textbook_exponential_mean(monkeypatch, one_thread):
-    norms = []
-    clip = torch.nn.utils.clip_grad_norm_
-
-    def recording_clip(params, max_norm, *args, **kwargs):
-        norm = clip(params, max_norm, *args, **kwargs)
-        norms.append(float(norm))
-        return norm
-
-    monkeypatch.setattr(T.nn.utils, "clip_grad_norm_", recording_clip)
+    norms = _record_norms(monkeypatch)
     trainer = Trainer(TrainConfig(data="gmm", iters=15, skip_spikes=1e9, **TINY_CONFIG))
     trainer.train(progress=False)
     mean = norms[0]
@@ -151,15 +157,7 @@ def test_the_filter_follows_the_rule_step_by_step():
 def test_a_lasting_change_of_scale_is_taken_after_the_patience(monkeypatch, capsys, one_thread):
     monkeypatch.setattr(T, "SPIKE_PATIENCE", 3)
     _spike(monkeypatch, set(range(8, 13)))
-    norms = []
-    clip = torch.nn.utils.clip_grad_norm_
-
-    def recording_clip(params, max_norm, *args, **kwargs):
-        norm = clip(params, max_norm, *args, **kwargs)
-        norms.append(float(norm))
-        return norm
-
-    monkeypatch.setattr(T.nn.utils, "clip_grad_norm_", recording_clip)
+    norms = _record_norms(monkeypatch)
     trainer = Trainer(TrainConfig(data="gmm", iters=12, skip_spikes=10.0, **TINY_CONFIG))
     snaps = _run_with_snapshots(trainer, 12)
     w7, w10, w11 = snaps[7][0], snaps[10][0], snaps[11][0]

@@ -57,10 +57,11 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
   ``lrcos`` (1: the learning rate decays to 0 over the run, cosine), ``ema`` (the EMA decay,
   0.995), ``beta2`` (Adam's, 0.999), ``spike`` (f > 1: skip a step whose gradient norm is over
   ``f`` times the running mean of the updates' norms, after 100 steps, and take the 21st in a
-  row: the library's ``TrainConfig.skip_spikes``, ``softmix.train.SpikeFilter``), ``floor`` (c > 0: each example's loss ``L`` becomes
-  ``-log(exp(-L) + exp(-c))``, as if the mixture had a flat background component of density
-  ``exp(-c)``: an example that no component covers adds at most ``c`` to the loss and nearly no
-  gradient; ``floorfrom`` (n): from training step ``n`` on),
+  row: the library's ``TrainConfig.skip_spikes``, ``softmix.train.SpikeFilter``), ``floor``
+  (c > 0: each example's loss ``L`` becomes ``-log(exp(-L) + exp(-c))``, as if the mixture had
+  a flat background component of density ``exp(-c)``: an example that no component covers adds
+  at most ``c`` to the loss and nearly no gradient; ``floorfrom`` (n): from training step ``n``
+  on),
   ``pred`` (what the model predicts: ``epsilon`` | ``sample`` | ``v_prediction`` | ``mixed``:
   ``x0`` on the last step, ``t = 0``, and ``eps`` on the others; for ``plain`` and ``cat``).
 """
