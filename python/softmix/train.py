@@ -89,7 +89,7 @@ _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SPIKE_WARMUP_STEPS = 100
 # skip_spikes: a norm that stays over the factor this many steps in a row is a new scale, not a
 # spike: the next such step is taken and the running mean restarts from it, so a run is never
-# frozen (at a factor of 3 a collapsing run skipped 249 of its last 277 steps: quality.md)
+# frozen (at a factor of 3 a collapsing run skipped 249 of its last 278 steps: quality.md)
 SPIKE_PATIENCE = 20
 
 
