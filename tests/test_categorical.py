@@ -10,7 +10,7 @@ import torch
 import softmix
 from softmix import SMD, CategoricalIdentifier, NoiseSchedule
 from softmix.head import timestep_embedding
-from softmix.loss import categorical_bound, fit_final_width, step_precision
+from softmix.loss import categorical_bound, fit_final_width, huber_tail, step_precision
 from softmix.nets import ConvDenoiser, MLPDenoiser
 
 
@@ -111,17 +111,17 @@ def _x0_estimate(pred, x_t, a, prediction_type):
     return a.sqrt() * x_t - (1 - a).sqrt() * pred  # v = sqrt(a) eps - sqrt(1 - a) x0
 
 
+@pytest.mark.parametrize("huber", [False, True])
 @pytest.mark.parametrize("prediction_type", ["sample", "epsilon", "v_prediction"])
-def test_clean_bound_is_the_mixture_likelihood_of_x0_in_float64(prediction_type):
+def test_clean_bound_is_the_mixture_likelihood_of_x0_in_float64(prediction_type, huber):
     """``"clean"``: ``-log sum_k pi_k N(x0; x0_k, s^2 I)`` up to ``(F / 2) log(2 pi s^2)``, with
-    ``x0_k`` the ``x0`` each component's prediction implies."""
+    ``x0_k`` the ``x0`` each component's prediction implies; with ``clean_huber=h``, a value
+    ``L`` over ``L0 = h^2 / 2`` becomes ``2 sqrt(L0 L) - L0``."""
     k_num, b, f, width = 3, 7, 2, 0.4
     model = _categorical_model(k_num, seed=5)
     s = NoiseSchedule(10)
     x0, noise = torch.randn(b, f), torch.randn(b, f)
     t = torch.randint(0, 10, (b,))
-    loss = softmix.training_loss(model, s, x0, bound="clean", clean_width=width, prediction_type=prediction_type,
-                                 t=t, noise=noise, reduction="none")
 
     ref = model.double()
     a = s.alphas_cumprod.double()[t].unsqueeze(1)
@@ -133,7 +133,81 @@ def test_clean_bound_is_the_mixture_likelihood_of_x0_in_float64(prediction_type)
     log_lik = torch.distributions.Normal(x0_k, width).log_prob(x0.double().unsqueeze(1)).sum(-1)  # (B, K)
     expected = -torch.logsumexp(log_pi + log_lik, -1) - 0.5 * f * math.log(2 * math.pi * width**2)
     assert expected.std() > 0.1  # examples differ: not a constant to match by accident
+    h = 0.0
+    if huber:  # the tail starts at the median: examples on both sides of it
+        l0 = float(expected.median())
+        h = math.sqrt(2 * l0)
+        expected = torch.where(expected > l0, 2 * (l0 * expected).sqrt() - l0, expected)
+    model.float()
+    loss = softmix.training_loss(model, s, x0, bound="clean", clean_width=width, clean_huber=h,
+                                 prediction_type=prediction_type, t=t, noise=noise, reduction="none")
     torch.testing.assert_close(loss.double(), expected, rtol=2e-4, atol=1e-5)
+
+
+def test_the_huber_tail_bounds_the_gradient_of_a_far_example():
+    """At width 1 a lone component's loss is ``d^2 / 2``: its slope in the distance is ``d``
+    inside ``h`` widths and ``h`` beyond, however far."""
+    h = 3.0
+    for d, slope in [(0.5, 0.5), (2.9, 2.9), (3.1, h), (30.0, h), (3e4, h)]:
+        dist = torch.tensor(d, dtype=torch.float64, requires_grad=True)
+        huber_tail(dist.square() / 2, h).backward()
+        assert math.isclose(float(dist.grad), slope, rel_tol=1e-9), (d, float(dist.grad))
+    at = torch.tensor([h * h / 2 - 1e-9, h * h / 2 + 1e-9], dtype=torch.float64)
+    assert math.isclose(*huber_tail(at, h).tolist(), rel_tol=1e-9)  # continuous at L0
+
+
+def test_clean_huber_is_refused_where_it_means_nothing(tmp_path, capsys):
+    from softmix.cli import main
+    from softmix.train import TrainConfig
+
+    model, x0 = _categorical_model(3), torch.randn(4, 2)
+    for h in (-1.0, float("nan"), float("inf"), "ten"):
+        with pytest.raises(ValueError, match="clean_huber must be 0 \\(off\\) or a positive number of widths"):
+            softmix.training_loss(model, NoiseSchedule(4), x0, bound="clean", clean_huber=h)
+        if not isinstance(h, str):
+            with pytest.raises(ValueError, match="clean_huber must be 0"):
+                TrainConfig(identifier="categorical", clean_huber=h).validate()
+    with pytest.raises(ValueError, match="clean_huber applies to the \"clean\" bound only"):
+        softmix.training_loss(model, NoiseSchedule(4), x0, bound="posterior", clean_huber=10.0)
+    with pytest.raises(ValueError, match="this run's bound is 'posterior'"):
+        TrainConfig(clean_huber=10.0).validate()  # the Gaussian identifier's default bound
+    TrainConfig(identifier="categorical", clean_huber=10.0).validate()  # "clean" by default there
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path / "run"), "--clean-huber", "-1"])
+    assert "expected 0 (off) or a number of widths > 0" in capsys.readouterr().err
+
+
+def test_the_clean_bound_has_its_huber_tail_by_default():
+    from dataclasses import asdict
+
+    from softmix.loss import DEFAULT_CLEAN_HUBER
+    from softmix.train import TrainConfig
+
+    model, s = _categorical_model(3, seed=2), NoiseSchedule(10)
+    x0, noise, t = torch.randn(6, 2), torch.randn(6, 2), torch.randint(0, 10, (6,))
+    kw = dict(t=t, noise=noise, prediction_type="sample", reduction="none", clean_width=0.05)
+    off = softmix.training_loss(model, s, x0, clean_huber=0.0, **kw)
+    assert off.max() > DEFAULT_CLEAN_HUBER**2 / 2  # some examples lie in the tail
+    torch.testing.assert_close(softmix.training_loss(model, s, x0, **kw), huber_tail(off, DEFAULT_CLEAN_HUBER))
+    # a run saved before the tail existed resumes without it; a new run keeps the default
+    assert TrainConfig.from_dict({"identifier": "categorical"}).clean_huber == 0.0
+    assert TrainConfig.from_dict(json.loads(json.dumps(asdict(TrainConfig())))).clean_huber is None
+
+
+def test_the_trainer_and_the_command_line_pass_clean_huber_on(tmp_path):
+    from softmix.cli import main
+    from softmix.train import TrainConfig, Trainer, load_trained
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", "gmm", "--iters", "3", "--batch-size", "32", "--hidden", "16", "--layers", "1",
+                 "--identifier", "categorical", "--num-components", "4", "--prediction-type", "sample",
+                 "--no-progress", "--clean-huber", "2", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["config"]["clean_huber"] == 2.0
+    assert load_trained(out)[2].clean_huber == 2.0
+    cfg = dict(data="gmm", iters=1, batch_size=32, hidden=16, layers=1, identifier="categorical", num_components=4,
+               prediction_type="sample")
+    first = [Trainer(TrainConfig(clean_huber=h, **cfg)).train_step() for h in (0.0, 2.0)]
+    assert first[1] < first[0]  # the same first batch; its largest losses are cut down
 
 
 def test_the_default_bound_is_clean_for_a_categorical_identifier_and_posterior_otherwise():

@@ -60,8 +60,8 @@ def test_clean_bound_is_the_monte_carlo_likelihood_of_x0_for_smd_and_plain_model
     b, m, width = 8, 3, 0.5
     x0, noise, t = torch.randn(b, 2), torch.randn(b, 2), torch.randint(0, 20, (b,))
     eta = torch.randn(m * b, 2)
-    loss = softmix.training_loss(model, s, x0, num_samples=m, bound="clean", clean_width=width, t=t, noise=noise,
-                                 eta=eta, reduction="none")
+    loss = softmix.training_loss(model, s, x0, num_samples=m, bound="clean", clean_width=width, clean_huber=0.0,
+                                 t=t, noise=noise, eta=eta, reduction="none")
     ref = model.double()
     a = s.alphas_cumprod.double()[t].unsqueeze(1)
     x_t = a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double()
@@ -74,7 +74,7 @@ def test_clean_bound_is_the_monte_carlo_likelihood_of_x0_for_smd_and_plain_model
     torch.testing.assert_close(loss.double(), expected, rtol=2e-4, atol=1e-5)
 
     net = MLPDenoiser(2, hidden=16, layers=1)
-    loss = softmix.training_loss(net, s, x0, bound="clean", clean_width=width, t=t, noise=noise,
+    loss = softmix.training_loss(net, s, x0, bound="clean", clean_width=width, clean_huber=0.0, t=t, noise=noise,
                                  prediction_type="sample", reduction="none")
     with torch.no_grad():
         x0_hat = net.double()(x_t, t)

@@ -61,7 +61,9 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
   (c > 0: each example's loss ``L`` becomes ``-log(exp(-L) + exp(-c))``, as if the mixture had
   a flat background component of density ``exp(-c)``: an example that no component covers adds
   at most ``c`` to the loss and nearly no gradient; ``floorfrom`` (n): from training step ``n``
-  on),
+  on), ``tail`` (h: the ``"clean"`` bound's Huber tail at ``h`` widths, ``training_loss(...,
+  clean_huber=h)``; 0: off; unset: the library's default, 10 since 2026-11-29, none before: runs
+  from before then reproduce with ``tail=0``),
   ``pred`` (what the model predicts: ``epsilon`` | ``sample`` | ``v_prediction`` | ``mixed``:
   ``x0`` on the last step, ``t = 0``, and ``eps`` on the others; for ``plain`` and ``cat``).
 """
@@ -145,6 +147,7 @@ class Variant:
     spike: float = 0.0  # > 0: skip a step whose gradient norm exceeds this times their running mean (exploration)
     floor: float = 0.0  # > 0: each example's loss L becomes -log(exp(-L) + exp(-floor)) (exploration)
     floorfrom: int = 0  # floor: from this training step on
+    tail: float | None = None  # the "clean" bound's Huber tail in widths (clean_huber; None: the library's default)
     bs: int = 256  # batch size
     extra: dict = field(default_factory=dict)
 
@@ -165,7 +168,7 @@ class Variant:
                 out[k] = v not in ("0", "false", "False", "")
             elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim", "discrete", "cat", "idff", "floorfrom"):
                 out[k] = int(v)
-            elif k in ("temp", "minvar", "lr", "klw", "ffs", "winit", "t0frac", "tmid", "iw", "width", "xlast", "ema", "beta2", "spike", "floor"):
+            elif k in ("temp", "minvar", "lr", "klw", "ffs", "winit", "t0frac", "tmid", "iw", "width", "xlast", "ema", "beta2", "spike", "floor", "tail"):
                 out[k] = float(v)
             else:
                 out[k] = v
@@ -437,7 +440,8 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
     if encoder is not None:
         kw = dict(kl_weight=v.klw, min_variance=v.minvar)
     elif v.smd:
-        kw = dict(num_samples=v.M, bound=v.bound, temperature=v.temp, min_variance=v.minvar, clean_width=v.width)
+        kw = dict(num_samples=v.M, bound=v.bound, temperature=v.temp, min_variance=v.minvar, clean_width=v.width,
+                  clean_huber=v.tail)
     kw["prediction_type"] = v.pred
     if v.iw:
         kw["weight"] = lambda t: torch.full(t.shape, v.iw)

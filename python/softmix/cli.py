@@ -72,7 +72,7 @@ def _steps_list(text: str) -> list[int]:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     from softmix.categorical import DEFAULT_NUM_COMPONENTS, LONG_CHAIN_FOURIER
-    from softmix.loss import BOUNDS, DEFAULT_CLEAN_WIDTH
+    from softmix.loss import BOUNDS, DEFAULT_CLEAN_HUBER, DEFAULT_CLEAN_WIDTH
     from softmix.schedule import DEFAULT_FOCUS_RANGE, PREDICTION_TYPES, SCHEDULE_KINDS
     from softmix.train import IDENTIFIERS, PRECISIONS, SPIKE_PATIENCE
 
@@ -108,6 +108,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clean-width", type=_positive_float, default=DEFAULT_CLEAN_WIDTH,
                    help=f"--bound clean: each component's width around its x0 estimate, in data units "
                         f"(default {DEFAULT_CLEAN_WIDTH})")
+    p.add_argument("--clean-huber", type=_number(float, "0 (off) or a number of widths > 0", lambda v: 0 <= v < math.inf),
+                   default=None, metavar="H",
+                   help="--bound clean: beyond H widths from x0 the loss grows linearly in the distance, so one "
+                        f"example far from every component cannot carry a step (0: off; default {DEFAULT_CLEAN_HUBER})")
     p.add_argument("--ema-decay", type=float, default=0.995)
     p.add_argument("--hidden", type=_positive_int, default=128, help="backbone width")
     p.add_argument("--layers", type=_positive_int, default=3, help="backbone depth")
@@ -218,7 +222,8 @@ def _config_from_args(args, smd: bool):
         timestep_focus=args.timestep_focus, timestep_focus_range=args.timestep_focus_range,
         smd=smd, latent_dim=args.latent_dim, hyper_layers=args.hyper_layers, inject=inject,
         num_samples=args.num_samples, bound=args.bound, temperature=args.temperature,
-        clean_width=args.clean_width, identifier=args.identifier, num_components=args.num_components,
+        clean_width=args.clean_width, clean_huber=args.clean_huber, identifier=args.identifier,
+        num_components=args.num_components,
         ema_decay=args.ema_decay, seed=args.seed, hidden=args.hidden, layers=args.layers,
         fourier=args.fourier, identifier_fourier=args.identifier_fourier,
         num_data=args.num_data, image_size=args.image_size, channels=args.channels, device=args.device,

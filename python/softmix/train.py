@@ -61,7 +61,8 @@ from softmix.checkpoint import (
 )
 from softmix.data import load_data
 from softmix.ema import EMA
-from softmix.loss import DEFAULT_CLEAN_WIDTH, DEFAULT_NUM_SAMPLES, _checked_clean_width, training_loss
+from softmix.loss import (DEFAULT_BOUND, DEFAULT_CATEGORICAL_BOUND, DEFAULT_CLEAN_WIDTH, DEFAULT_NUM_SAMPLES,
+                          _checked_clean_huber, _checked_clean_width, training_loss)
 from softmix.nets import ConvDenoiser, MLPDenoiser
 from softmix.schedule import DEFAULT_FOCUS_RANGE, NoiseSchedule, _checked_focus, _checked_focus_range
 from softmix.wrap import SMD
@@ -151,6 +152,9 @@ class TrainConfig:
     bound: str | None = None
     temperature: float = 1.0
     clean_width: float = DEFAULT_CLEAN_WIDTH  # the "clean" bound's component width (data units)
+    # the "clean" bound grows linearly beyond this many widths from x0 (softmix.loss.huber_tail;
+    # 0: off; None: DEFAULT_CLEAN_HUBER with the "clean" bound)
+    clean_huber: float | None = None
     ema_decay: float = 0.995
     seed: int = 0
     hidden: int = 128  # backbone width
@@ -177,7 +181,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        d = {"fourier": 0, **d}  # runs saved before Fourier features existed had none
+        # runs saved before Fourier features, or the clean bound's Huber tail, existed had none
+        d = {"fourier": 0, "clean_huber": 0.0, **d}
         if "timestep_focus_range" in d:  # a list in JSON
             d["timestep_focus_range"] = tuple(d["timestep_focus_range"])
         return cls(**{k: v for k, v in d.items() if k in names})
@@ -204,6 +209,11 @@ class TrainConfig:
         if self.identifier_fourier and self.identifier != "categorical":
             raise ValueError(f"identifier_fourier={self.identifier_fourier} needs identifier='categorical'")
         _checked_clean_width(self.clean_width)
+        categorical = self.smd and self.identifier == "categorical"
+        bound = self.bound or (DEFAULT_CATEGORICAL_BOUND if categorical else DEFAULT_BOUND)
+        _checked_clean_huber(self.clean_huber, bound)
+        if self.clean_huber and bound != "clean":
+            raise ValueError(f"clean_huber applies to the \"clean\" bound only; this run's bound is {bound!r}")
         if not (self.skip_spikes == 0 or (self.skip_spikes > 1 and math.isfinite(self.skip_spikes))):
             raise ValueError(f"skip_spikes must be 0 (off) or a finite factor > 1, got {self.skip_spikes}")
         try:
@@ -403,7 +413,7 @@ class Trainer:
             loss = training_loss(
                 self.forward_model, self.schedule, batch["x0"],
                 num_samples=cfg.num_samples, bound=cfg.bound, temperature=cfg.temperature,
-                clean_width=cfg.clean_width, prediction_type=cfg.prediction_type,
+                clean_width=cfg.clean_width, clean_huber=cfg.clean_huber, prediction_type=cfg.prediction_type,
                 t=batch["t"], noise=batch["noise"], eta=batch.get("eta"),
             )
         self.optimizer.zero_grad(set_to_none=True)
