@@ -6,7 +6,9 @@ itself skips nothing), prints the batch's largest per-example losses with their 
 the step's gradient in the model's parts (backbone, head, the identifier's weights, its codes).
 
     python benchmarks/quality/spikes.py --steps 1000 --seed 1 --iters 5700 \
-        --variant "smd:cat=128,pred=sample,idff=64" --tag spikes-cat-s1
+        --variant "smd:cat=128,pred=sample,idff=64,tail=0" --tag spikes-cat-s1
+
+(``tail=0``: that result predates the ``"clean"`` bound's default Huber tail.)
 
 Writes ``<out>/<tag>.md``. The training is ``gmm.py``'s to the last digit: the per-example
 losses are the loss's own (``training_loss(..., reduction="none")``, whose mean is the loss),
