@@ -74,8 +74,8 @@ def main(argv=None) -> int:
     model = build_model(v, (2,))
 
     def on_step(step: int, ema, loss: float, grad_norm: float) -> None:
-        mean_norm = spikes.mean
-        if spikes.skip(grad_norm, step):
+        if spikes.skip(grad_norm, step):  # (the mean is unchanged by a skip)
+            mean_norm = spikes.mean
             losses, t, x0 = batch["losses"], batch["t"], batch["x0"]
             nearest = torch.cdist(x0, mixture.means).min(dim=1)
             dist = nearest.values / mixture.stds[nearest.indices]

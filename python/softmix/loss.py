@@ -184,7 +184,8 @@ def huber_tail(per_example: torch.Tensor, widths: float) -> torch.Tensor:
 
 def _checked_clean_huber(widths: Any, bound: str) -> float:
     """``widths`` as a float (``None``: ``DEFAULT_CLEAN_HUBER`` for the ``"clean"`` bound, else 0),
-    or a ``ValueError`` naming ``clean_huber`` unless it is 0 or positive and finite."""
+    or a ``ValueError`` naming ``clean_huber`` unless it is 0 or positive and finite, and 0 for
+    a ``bound`` other than ``"clean"``."""
     if widths is None:
         return DEFAULT_CLEAN_HUBER if bound == "clean" else 0.0
     try:
@@ -193,7 +194,15 @@ def _checked_clean_huber(widths: Any, bound: str) -> float:
         ok = False
     if not ok:
         raise ValueError(f"clean_huber must be 0 (off) or a positive number of widths, got {widths!r}")
+    if float(widths) and bound != "clean":
+        raise ValueError(f"clean_huber applies to the \"clean\" bound only; this run's bound is {bound!r}")
     return float(widths)
+
+
+def default_bound(categorical: bool) -> str:
+    """The bound ``training_loss`` takes when none is given: ``DEFAULT_CATEGORICAL_BOUND`` for a
+    categorical identifier, else ``DEFAULT_BOUND``."""
+    return DEFAULT_CATEGORICAL_BOUND if categorical else DEFAULT_BOUND
 
 
 def _checked_clean_width(width: Any) -> float:
@@ -336,14 +345,12 @@ def training_loss(
     """
     smd = _unwrap(model) if is_smd(model) else None
     if bound is None:
-        bound = DEFAULT_CATEGORICAL_BOUND if smd is not None and smd.categorical else DEFAULT_BOUND
+        bound = default_bound(smd is not None and smd.categorical)
     if bound not in BOUNDS:
         raise ValueError(f"unknown bound {bound!r}; expected one of {BOUNDS}")
     if reduction not in ("mean", "none"):
         raise ValueError(f"unknown reduction {reduction!r}")
     clean_huber = _checked_clean_huber(clean_huber, bound)
-    if clean_huber and bound != "clean":
-        raise ValueError(f"clean_huber applies to the \"clean\" bound only, got bound={bound!r}")
     b, device = x0.shape[0], x0.device
     t, x_t, target = noised_batch(schedule, x0, prediction_type, t, noise, generator)
 

@@ -61,8 +61,8 @@ from softmix.checkpoint import (
 )
 from softmix.data import load_data
 from softmix.ema import EMA
-from softmix.loss import (DEFAULT_BOUND, DEFAULT_CATEGORICAL_BOUND, DEFAULT_CLEAN_WIDTH, DEFAULT_NUM_SAMPLES,
-                          _checked_clean_huber, _checked_clean_width, training_loss)
+from softmix.loss import (DEFAULT_CLEAN_WIDTH, DEFAULT_NUM_SAMPLES, _checked_clean_huber, _checked_clean_width,
+                          default_bound, training_loss)
 from softmix.nets import ConvDenoiser, MLPDenoiser
 from softmix.schedule import DEFAULT_FOCUS_RANGE, NoiseSchedule, _checked_focus, _checked_focus_range
 from softmix.wrap import SMD
@@ -120,10 +120,13 @@ class SpikeFilter:
         self.in_a_row += 1
         return True
 
-    def took(self, norm: float) -> None:
-        """A step with gradient norm ``norm`` updated the weights: it joins the running mean."""
+    def took(self, norm: float) -> bool:
+        """A step with gradient norm ``norm`` updated the weights: it joins the running mean.
+        Returns whether it ended a row of ``patience`` spikes (a new scale)."""
+        new_scale = self.in_a_row >= self.patience
         self.in_a_row = 0
         self.mean = norm if self.mean is None else 0.99 * self.mean + 0.01 * norm
+        return new_scale
 
 
 @dataclass
@@ -210,10 +213,7 @@ class TrainConfig:
             raise ValueError(f"identifier_fourier={self.identifier_fourier} needs identifier='categorical'")
         _checked_clean_width(self.clean_width)
         categorical = self.smd and self.identifier == "categorical"
-        bound = self.bound or (DEFAULT_CATEGORICAL_BOUND if categorical else DEFAULT_BOUND)
-        _checked_clean_huber(self.clean_huber, bound)
-        if self.clean_huber and bound != "clean":
-            raise ValueError(f"clean_huber applies to the \"clean\" bound only; this run's bound is {bound!r}")
+        _checked_clean_huber(self.clean_huber, self.bound or default_bound(categorical))
         if not (self.skip_spikes == 0 or (self.skip_spikes > 1 and math.isfinite(self.skip_spikes))):
             raise ValueError(f"skip_spikes must be 0 (off) or a finite factor > 1, got {self.skip_spikes}")
         try:
@@ -442,7 +442,6 @@ class Trainer:
         self.consecutive_skips = 0
         if finite_grads and self._is_spike(step, norm, value):
             return value
-        new_scale = self.spikes.in_a_row >= self.spikes.patience
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -451,8 +450,7 @@ class Trainer:
         else:
             self.lr_scheduler.step()
             self.ema.update(self.model)
-            self.spikes.took(norm)
-            if new_scale and self.dist.is_main:
+            if self.spikes.took(norm) and self.dist.is_main:
                 print(f"softmix: step {step}: the gradient norm has been over {self.cfg.skip_spikes:g}x the running "
                       f"mean {self.spikes.patience} steps in a row; step taken as a new scale, the mean restarts "
                       f"from it ({norm:.4g})", file=sys.stderr)
@@ -463,7 +461,6 @@ class Trainer:
     def _is_spike(self, step: int, norm: float, value: float) -> bool:
         """With ``skip_spikes``, refuse a step whose gradient norm is a spike: no update of the
         weights, optimiser, EMA or running mean; its data are consumed and its loss recorded."""
-        mean = self.spikes.mean
         if not self.spikes.skip(norm, step):
             return False
         self.optimizer.zero_grad(set_to_none=True)
@@ -472,7 +469,7 @@ class Trainer:
         self.step = step
         self.losses.append(value)
         if self.dist.is_main:
-            print(f"softmix: step {step}: gradient norm {norm:.4g} is {norm / mean:.1f}x the running "
+            print(f"softmix: step {step}: gradient norm {norm:.4g} is {norm / self.spikes.mean:.1f}x the running "
                   f"mean; step skipped as a spike ({self.spikes.skips} so far)", file=sys.stderr)
         return True
 
