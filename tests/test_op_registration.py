@@ -161,47 +161,55 @@ OPCHECK_CASES = {
 }
 
 
-def assert_opcheck_passes(name, args):
-    result = torch.library.opcheck(getattr(torch.ops.softmix, name).default, args)
+def on_device(args, device):
+    """``args`` with every tensor moved to ``device``, each a leaf again with its requires_grad."""
+    return tuple(
+        a.detach().to(device).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args
+    )
+
+
+def assert_opcheck_passes(name, args, device="cpu"):
+    result = torch.library.opcheck(getattr(torch.ops.softmix, name).default, on_device(args, device))
     assert result and all(v == "SUCCESS" for v in result.values()), result
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "requires_grad"])
 @pytest.mark.parametrize("case", OPCHECK_CASES)
-def test_opcheck(rng, case, requires_grad):
+def test_opcheck(rng, case, requires_grad, device):
     name, make_args = OPCHECK_CASES[case]
-    assert_opcheck_passes(name, make_args(rng, torch.float32, requires_grad))
+    assert_opcheck_passes(name, make_args(rng, torch.float32, requires_grad), device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ["latent_transform", "mc_loss", "mc_loss-log_weights", "denoise_step"])
-def test_opcheck_other_dtypes(rng, name, dtype):
+def test_opcheck_other_dtypes(rng, name, dtype, device):
     make_args = {
         "latent_transform": lt_args,
         "mc_loss": mc_args,
         "mc_loss-log_weights": lambda rng, dt, g: mc_args(rng, dt, g, bound="logmeanexp", log_weights=True),
         "denoise_step": step_args,
     }[name]
-    assert_opcheck_passes(name.split("-")[0], make_args(rng, dtype, True))
+    assert_opcheck_passes(name.split("-")[0], make_args(rng, dtype, True), device)
 
 
-def test_opcheck_backward_ops(rng):
+def test_opcheck_backward_ops(rng, device):
     # the fused backward kernels are ops too; their fake kernels are what compile traces
     r, v, s = lt_args(rng, torch.float32, False, per_position=True)
-    assert_opcheck_passes("latent_transform_backward", (torch.randn_like(r), r, v, s))
+    assert_opcheck_passes("latent_transform_backward", (torch.randn_like(r), r, v, s), device)
     pred, target, weight, bound, temperature, log_weights = mc_args(
         rng, torch.float32, False, bound="logmeanexp", temperature=0.5, log_weights=True
     )
     _, errors = torch.ops.softmix.mc_loss_with_errors(pred, target, weight, bound, temperature, log_weights)
     args = (torch.rand(pred.shape[1]), pred, target, weight, errors, bound, temperature, True)
-    assert_opcheck_passes("mc_loss_backward", args)
-    assert_opcheck_passes("mc_loss_backward", (*args, log_weights, True))
+    assert_opcheck_passes("mc_loss_backward", args, device)
+    assert_opcheck_passes("mc_loss_backward", (*args, log_weights, True), device)
     x, m, a_t, a_prev, _, eta, prediction_type, clip, _ = step_args(
         rng, torch.float32, False, eta=0.5, prediction_type="v_prediction", clip=1.0
     )
     assert_opcheck_passes(
         "denoise_step_backward",
         (torch.randn_like(x), torch.randn_like(x), x, m, a_t, a_prev, eta, prediction_type, clip, True),
+        device,
     )
 
 
@@ -275,8 +283,8 @@ def run_and_grad(fn, inputs):
     return out.detach(), [t.grad for t in leaves]
 
 
-def assert_matches_eager(compiled, rng, n=6, b=4):
-    inputs = pipeline_inputs(rng, n, b)
+def assert_matches_eager(compiled, rng, device, n=6, b=4):
+    inputs = on_device(pipeline_inputs(rng, n, b), device)
     expected, expected_grads = run_and_grad(smd_pipeline, inputs)
     got, grads = run_and_grad(compiled, inputs)
     assert_close_to_reference(got, expected.double(), torch.float32, "compiled output")
@@ -286,17 +294,17 @@ def assert_matches_eager(compiled, rng, n=6, b=4):
             assert_close_to_reference(g, e.double(), torch.float32, f"compiled grad of input {i}")
 
 
-def test_torch_compile_fullgraph_of_all_three_ops_matches_eager(rng):
+def test_torch_compile_fullgraph_of_all_three_ops_matches_eager(rng, device):
     torch._dynamo.reset()
-    assert_matches_eager(torch.compile(smd_pipeline, fullgraph=True), rng)
+    assert_matches_eager(torch.compile(smd_pipeline, fullgraph=True), rng, device)
 
 
-def test_torch_compile_fullgraph_with_dynamic_shapes_matches_eager(rng):
+def test_torch_compile_fullgraph_with_dynamic_shapes_matches_eager(rng, device):
     # the fake kernels must give symbolic shapes: one graph serves several batch sizes
     torch._dynamo.reset()
     compiled = torch.compile(smd_pipeline, fullgraph=True, dynamic=True)
     # sizes distinct from each other and from the fixed dims (2, 3, 4, 5), or duck sizing
     # would tie them together and the second call would recompile
-    assert_matches_eager(compiled, rng, n=7, b=9)
+    assert_matches_eager(compiled, rng, device, n=7, b=9)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        assert_matches_eager(compiled, rng, n=11, b=13)
+        assert_matches_eager(compiled, rng, device, n=11, b=13)
