@@ -385,8 +385,9 @@ def bench_mc_loss(z: Sizes, dtype, device, args, results: Results, bound: str, l
     op = f"mc_loss ({bound}, log_weights)" if log_weights else f"mc_loss ({bound})"
     gen = torch.Generator(device="cpu").manual_seed(1)
     loss_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    target = torch.randn(*z.image, generator=gen).to(device, dtype)
-    pred = (target + 0.3 * torch.randn(z.samples, *z.image, generator=gen)).to(device, dtype).requires_grad_()
+    target_cpu = torch.randn(*z.image, generator=gen)  # drawn on the CPU: the same values on every device
+    target = target_cpu.to(device, dtype)
+    pred = (target_cpu + 0.3 * torch.randn(z.samples, *z.image, generator=gen)).to(device, dtype).requires_grad_()
     weight = torch.rand(z.batch, generator=gen).add(0.5).to(device, dtype)
     gl = torch.ones(z.batch, device=device, dtype=loss_dtype)
     kw, wrt = {}, (pred,)

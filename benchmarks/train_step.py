@@ -127,6 +127,7 @@ def time_rows(args) -> list[float]:
         for _ in range(args.warmup):
             step()
     best = [float("inf")] * len(steps)
+    print(f"timing {len(steps)} rows, {args.iters} steps each", file=sys.stderr)
     for _ in range(args.iters):
         for i, step in enumerate(steps):
             start = time.perf_counter()
@@ -187,6 +188,7 @@ def main() -> None:
             print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
             continue
         results.append((name, json.loads(out.stdout.strip().splitlines()[-1])))
+        print(f"memory of {name}: {results[-1][1]['peak_mib']:.0f} MiB", file=sys.stderr)
     for (_, r), ms in zip(results, time_rows(args)):
         if r is not None:
             r["ms"] = ms

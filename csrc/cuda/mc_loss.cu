@@ -110,7 +110,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mc_loss_backward(
   if (n.B > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "mc_loss_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const size_t shared_bytes = static_cast<size_t>(n.M) * sizeof(acc_t);
+      // whole 16-byte chunks: nvcc reads coef 16 bytes at a time (LDS.128), also in the loop
+      // over the last M % 4 samples, so a buffer of M floats would be read past its end
+      const size_t shared_bytes = (static_cast<size_t>(n.M) * sizeof(acc_t) + 15) / 16 * 16;
       TORCH_CHECK(shared_bytes <= 48 * 1024, "mc_loss_backward: M = ", n.M,
                   " Monte Carlo samples exceed what the CUDA kernel holds in shared memory (",
                   48 * 1024 / sizeof(acc_t), ")");

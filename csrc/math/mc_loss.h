@@ -76,15 +76,35 @@ SOFTMIX_HD acc_t logit(const acc_t* err, const acc_t* log_w, int64_t stride, int
   return log_w != nullptr ? log_w[m * stride] + x : x;
 }
 
-// max_m x_m: taken out of the log-sum-exp for stability. Finite while some lw_m is.
+// max_m x_m and its m: taken out of the log-sum-exp for stability. Finite while some lw_m is.
 template <typename acc_t>
-SOFTMIX_HD acc_t max_logit(const acc_t* err, const acc_t* log_w, int64_t stride, int64_t M, acc_t w, acc_t T) {
-  acc_t x_max = logit(err, log_w, stride, 0, w, T);
+struct MaxLogit {
+  acc_t value;
+  int64_t index;
+};
+
+template <typename acc_t>
+SOFTMIX_HD MaxLogit<acc_t> max_logit(const acc_t* err, const acc_t* log_w, int64_t stride, int64_t M, acc_t w,
+                                     acc_t T) {
+  MaxLogit<acc_t> largest{logit(err, log_w, stride, 0, w, T), 0};
   for (int64_t m = 1; m < M; ++m) {
     const acc_t x = logit(err, log_w, stride, m, w, T);
-    x_max = x > x_max ? x : x_max;
+    if (x > largest.value) largest = {x, m};
   }
-  return x_max;
+  return largest;
+}
+
+// exp(x_m - x_max), in [0, 1], exactly 1 for the largest logit, so that the sum over m is at
+// least 1. Recomputed, x_m need not equal the x_max that max_logit kept: nvcc fuses the
+// product inside x_m with the subtraction (an FMA, no rounding in between), and when |x| is
+// ~1e11 (large errors at a small temperature) that rounding is thousands, enough to give
+// exp(+1000) = inf or to lose the largest term to exp(-1000) = 0. A NaN logit stays NaN.
+template <typename acc_t>
+SOFTMIX_HD acc_t shifted_exp(const acc_t* err, const acc_t* log_w, int64_t stride, int64_t m, acc_t w, acc_t T,
+                             const MaxLogit<acc_t>& largest) {
+  if (m == largest.index) return acc_t(1);
+  const acc_t shifted = logit(err, log_w, stride, m, w, T) - largest.value;
+  return exp(shifted > acc_t(0) ? acc_t(0) : shifted);
 }
 
 // err and log_w (null: uniform weights) hold entry m at [m * stride].
@@ -97,11 +117,11 @@ SOFTMIX_HD acc_t loss_from_errors(const acc_t* err, const acc_t* log_w, int64_t 
     return w * total / weight_normaliser(log_w, M);
   }
   // -T (logsumexp_m(x_m) - log normaliser), with the maximum taken out for stability.
-  const acc_t x_max = max_logit(err, log_w, stride, M, w, T);
-  if (x_max == -acc_t(INFINITY)) return acc_t(INFINITY);  // sum_m pi_m exp(-w e_m / T) = 0
+  const MaxLogit<acc_t> largest = max_logit(err, log_w, stride, M, w, T);
+  if (largest.value == -acc_t(INFINITY)) return acc_t(INFINITY);  // sum_m pi_m exp(-w e_m / T) = 0
   acc_t total = 0;
-  for (int64_t m = 0; m < M; ++m) total += exp(logit(err, log_w, stride, m, w, T) - x_max);
-  return -T * (x_max + log(total) - log(weight_normaliser(log_w, M)));
+  for (int64_t m = 0; m < M; ++m) total += shifted_exp(err, log_w, stride, m, w, T, largest);
+  return -T * (largest.value + log(total) - log(weight_normaliser(log_w, M)));
 }
 
 // The gradients of `upstream * loss`: coef[m] = upstream * dloss/de_m and, when grad_log_w is
@@ -121,8 +141,8 @@ SOFTMIX_HD acc_t loss_gradients(const acc_t* err, const acc_t* log_w, int64_t st
     }
     return upstream * (total / normaliser);
   }
-  const acc_t x_max = max_logit(err, log_w, stride, M, w, T);
-  if (x_max == -acc_t(INFINITY)) {  // no component with a finite logit: p is 0 / 0, the gradients 0
+  const MaxLogit<acc_t> largest = max_logit(err, log_w, stride, M, w, T);
+  if (largest.value == -acc_t(INFINITY)) {  // no component with a finite logit: p is 0 / 0, the gradients 0
     for (int64_t m = 0; m < M; ++m) {
       coef[m] = 0;
       if (grad_log_w != nullptr) grad_log_w[m * stride] = 0;
@@ -131,7 +151,7 @@ SOFTMIX_HD acc_t loss_gradients(const acc_t* err, const acc_t* log_w, int64_t st
   }
   acc_t normaliser = 0;
   for (int64_t m = 0; m < M; ++m) {
-    coef[m] = exp(logit(err, log_w, stride, m, w, T) - x_max);  // unnormalised p_m
+    coef[m] = shifted_exp(err, log_w, stride, m, w, T, largest);  // unnormalised p_m
     normaliser += coef[m];
   }
   acc_t grad_w = 0;
