@@ -651,8 +651,10 @@ def busy_compilers() -> list[str]:
 
 
 def git_commit() -> str:
+    """The commit, with "-dirty" when the working tree differs from it (a copy of a working
+    tree, as on a lent GPU machine, can carry an older .git than its files)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=Path(__file__).resolve().parent,
                              capture_output=True, text=True, timeout=10)
         return out.stdout.strip() or "none"
     except (OSError, subprocess.SubprocessError):
