@@ -99,10 +99,14 @@ SOFTMIX_HD MaxLogit<acc_t> max_logit(const acc_t* err, const acc_t* log_w, int64
 // product inside x_m with the subtraction (an FMA, no rounding in between), and when |x| is
 // ~1e11 (large errors at a small temperature) that rounding is thousands, enough to give
 // exp(+1000) = inf or to lose the largest term to exp(-1000) = 0. A NaN logit stays NaN.
+// The result has exp's own type: on the CPU, exp of a float is the C library's double exp, and
+// a float sum of these adds each term in double before it rounds. Near-equal logits (a wide
+// temperature, terms all near 1) need that: rounding each term to float first moved the
+// "posterior" bound by 1% at its smallest weights (test_quality_objectives).
 template <typename acc_t>
-SOFTMIX_HD acc_t shifted_exp(const acc_t* err, const acc_t* log_w, int64_t stride, int64_t m, acc_t w, acc_t T,
-                             const MaxLogit<acc_t>& largest) {
-  if (m == largest.index) return acc_t(1);
+SOFTMIX_HD auto shifted_exp(const acc_t* err, const acc_t* log_w, int64_t stride, int64_t m, acc_t w, acc_t T,
+                            const MaxLogit<acc_t>& largest) -> decltype(exp(acc_t(0))) {
+  if (m == largest.index) return 1;
   const acc_t shifted = logit(err, log_w, stride, m, w, T) - largest.value;
   return exp(shifted > acc_t(0) ? acc_t(0) : shifted);
 }
