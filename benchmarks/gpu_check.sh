@@ -17,7 +17,8 @@
 #                               third of the default build's compile time); default: the
 #                               build's own (sm_80, sm_90 and PTX)
 #   WHEELS                      a folder of wheels to install first (test dependencies the
-#                               machine lacks, e.g. diffusers), into /tmp/site
+#                               machine lacks, e.g. diffusers: benchmarks/gpu_wheels.sh), into
+#                               /tmp/site
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
