@@ -99,6 +99,18 @@ def as_reference(t: torch.Tensor, requires_grad: bool = False) -> torch.Tensor:
     return t.detach().double().cpu().requires_grad_(requires_grad)
 
 
+def at_odd_offset(t: torch.Tensor) -> torch.Tensor:
+    """The same values as ``t``, contiguous, but one element into a larger buffer.
+
+    Not 16-byte aligned: the CUDA kernels must see it and stream single values, not packs.
+    """
+    buffer = torch.zeros(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buffer[1:].view(t.shape)
+    out.copy_(t.detach())
+    assert out.is_contiguous() and out.storage_offset() == 1
+    return out
+
+
 def non_contiguous(t: torch.Tensor, layout: str) -> torch.Tensor:
     """The same values as ``t`` in a non-contiguous view.
 

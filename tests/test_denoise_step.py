@@ -21,6 +21,7 @@ from conftest import (
     as_input,
     as_reference,
     assert_close_to_reference,
+    at_odd_offset,
     non_contiguous,
     randn,
     uniform,
@@ -82,7 +83,9 @@ def check_step_against_reference(rng, device, dtype, b, shape, eta, prediction_t
     x64, m64, n64, a_t64, a_prev64 = draw(rng, b, shape)
     x, m, noise = (as_input(t, dtype, device) for t in (x64, m64, n64))
     a_t, a_prev = (as_input(t, alpha_dtype(dtype), device) for t in (a_t64, a_prev64))
-    if layout is not None:
+    if layout == "odd_offset":
+        x, m, noise = (at_odd_offset(t) for t in (x, m, noise))
+    elif layout is not None:
         x, m, noise, a_t = (non_contiguous(t, layout) for t in (x, m, noise, a_t))
     for t in (x, m, noise):
         t.requires_grad_()
@@ -109,8 +112,9 @@ def check_step_against_reference(rng, device, dtype, b, shape, eta, prediction_t
         assert_close_to_reference(arg.grad.cpu()[keep], expected[keep], dtype, f"grad {name}")
 
 
-# B in {0, 1, 5, 7, 64}, S from none (B,) to odd images.
-SIZES = [(7, (2, 5, 5)), (1, (3,)), (64, (33,)), (5, ()), (0, (4, 4))]
+# B in {0, 1, 5, 7, 64}, S from none (B,) to odd images, and rows that split into the CUDA
+# kernels' 16-byte packs (256 values).
+SIZES = [(7, (2, 5, 5)), (1, (3,)), (64, (33,)), (5, ()), (0, (4, 4)), (3, (4, 8, 8))]
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -132,6 +136,11 @@ def test_every_batch_and_sample_shape_matches_float64_reference(rng, device, siz
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_non_contiguous_inputs_match_float64_reference(rng, device, layout, prediction_type):
     check_step_against_reference(rng, device, torch.float32, 6, (3, 4, 5), 0.5, prediction_type, 1.5, layout)
+
+
+def test_unaligned_contiguous_inputs_match_float64_reference(rng, device):
+    # rows of 64 values (whole 16-byte packs) at an address that does not allow packs
+    check_step_against_reference(rng, device, torch.float32, 5, (4, 4, 4), 0.5, "epsilon", 1.5, "odd_offset")
 
 
 def prediction_for(x0, x_t, a_t, prediction_type):

@@ -14,6 +14,7 @@ from conftest import (
     as_input,
     as_reference,
     assert_close_to_reference,
+    at_odd_offset,
     non_contiguous,
     randn,
     uniform,
@@ -38,7 +39,8 @@ def reference_with_grads(r, v, s, grad_y):
 
 
 # Every size of the issue at least once, not the cross product:
-# N in {0, 1, 7, 4096}, D in {1, 3, 33, 100, 257}, L in 1..4, s per layer and per position.
+# N in {0, 1, 7, 4096}, D in {1, 3, 33, 100, 257}, L in 1..4, s per layer and per position;
+# and each path of the CUDA kernels (rows of up to 128, up to 256 and more values; L above 4).
 SIZES = [
     # N,   D,  L, per_position
     (1, 1, 1, False),
@@ -50,6 +52,9 @@ SIZES = [
     (1, 100, 2, False),
     (7, 257, 3, True),
     (4096, 100, 2, False),
+    (7, 200, 3, False),  # 129 to 256 values: the CUDA kernel holds 8 per lane
+    (7, 256, 4, True),
+    (7, 33, 5, True),  # more layers than the CUDA register kernel takes
     (4096, 257, 1, True),
     (4096, 3, 4, True),
     (0, 33, 2, False),
@@ -118,6 +123,21 @@ def test_non_contiguous_inputs_match_float64_reference(rng, device, layout, whic
     for (name, arg), expected in zip(args.items(), expected_grads):
         assert arg.grad.shape == arg.shape
         assert_close_to_reference(arg.grad, expected, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("d", [64, 200])
+def test_unaligned_contiguous_inputs_match_float64_reference(rng, device, d):
+    # rows whose length allows 16-byte packs, at an address that does not
+    r64, v64, s64 = draw(rng, 9, d, 3, True)
+    r, v = (at_odd_offset(as_input(t, torch.float32, device)).requires_grad_() for t in (r64, v64))
+    s = as_input(s64, torch.float32, device, True)
+    grad_y = at_odd_offset(as_input(randn(rng, 9, d), torch.float32, device))
+    y = ops.latent_transform(r, v, s)
+    y.backward(grad_y)
+    expected_y, expected_grads = reference_with_grads(r, v, s, grad_y)
+    assert_close_to_reference(y, expected_y, torch.float32, "y")
+    for name, arg, expected in zip("rvs", (r, v, s), expected_grads):
+        assert_close_to_reference(arg.grad, expected, torch.float32, f"grad {name}")
 
 
 def test_v_laid_out_position_major_as_a_hypernetwork_emits_it(rng, device):

@@ -19,6 +19,7 @@ from conftest import (
     as_input,
     as_reference,
     assert_close_to_reference,
+    at_odd_offset,
     non_contiguous,
     randn,
     uniform,
@@ -140,6 +141,22 @@ def test_non_contiguous_inputs_match_float64_reference(rng, device, bound, layou
     assert_close_to_reference(loss, expected, dtype, "loss")
     for name, arg, grad in zip(INPUT_NAMES, inputs, expected_grads):
         assert_close_to_reference(arg.grad, grad, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("bound", BOUNDS)
+def test_unaligned_contiguous_inputs_match_float64_reference(rng, device, bound):
+    # rows of 2 x 24 x 24 values (several CUDA chunks, whole 16-byte packs) at an address
+    # that does not allow packs
+    pred64, target64, weight64 = draw(rng, 3, 5, (2, 24, 24))
+    pred, target = (at_odd_offset(as_input(t, torch.float32, device)).requires_grad_() for t in (pred64, target64))
+    weight = as_input(weight64, torch.float32, device, True)
+    grad_loss = as_input(uniform(rng, 5, low=0.5, high=1.5), torch.float32, device)
+    loss = fused_loss([pred, target, weight], bound, 0.5)
+    loss.backward(grad_loss)
+    expected, expected_grads = reference_with_grads([pred, target, weight], grad_loss, bound, 0.5)
+    assert_close_to_reference(loss, expected, torch.float32, "loss")
+    for name, arg, grad in zip(INPUT_NAMES, (pred, target, weight), expected_grads):
+        assert_close_to_reference(arg.grad, grad, torch.float32, f"grad {name}")
 
 
 @pytest.mark.parametrize("bound,temperature", [("jensen", 1.0), ("logmeanexp", 1.0), ("logmeanexp", 0.25)])

@@ -209,7 +209,7 @@ def test_wrapper_under_torch_compile_draws_noise_without_breaking_the_graph(rng)
 @pytest.mark.cuda
 def test_cuda_draws_the_cpu_noise(rng):
     seed = fresh_seed(rng)
-    for shape in [(3, 7), (2, 4099), (5, 3, 11, 13)]:
+    for shape in [(3, 7), (2, 4099), (5, 3, 11, 13), (4, 64), (2, 3, 32, 32)]:  # odd rows and 16-byte packs
         cpu = drawn_noise(shape, seed)
         cuda = drawn_noise(shape, seed, device="cuda").cpu()
         torch.testing.assert_close(cuda, cpu, rtol=1e-5, atol=1e-5)

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace softmix::cuda {
 
@@ -52,6 +53,46 @@ struct BlockLanes {
   __device__ bool is_leader() const { return threadIdx.x == 0; }
   __device__ void sync() const { __syncthreads(); }
 };
+
+// kWidth consecutive values moved by one 16-byte (or narrower) global access: elementwise
+// kernels stream packs, not scalars, so that every lane keeps more bytes in flight.
+template <typename T, int kWidth>
+struct alignas(sizeof(T) * kWidth) Pack {
+  T value[kWidth];
+};
+
+template <typename T, int kWidth>
+__device__ __forceinline__ Pack<T, kWidth> load_pack(const T* from) {
+  return *reinterpret_cast<const Pack<T, kWidth>*>(from);
+}
+
+template <typename T, int kWidth>
+__device__ __forceinline__ void store_pack(T* to, const Pack<T, kWidth>& pack) {
+  *reinterpret_cast<Pack<T, kWidth>*>(to) = pack;
+}
+
+// The widest pack of T: 16 bytes.
+template <typename T>
+constexpr int kPackWidth = 16 / sizeof(T);
+
+// Whether rows of `row_length` values at each pointer (null: absent) split into whole packs
+// of kWidth at 16-byte-aligned addresses; otherwise a kernel streams single values.
+template <int kWidth, typename... Pointers>
+bool fits_packs(int64_t row_length, const Pointers*... pointers) {
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return row_length % kWidth == 0 && (aligned(pointers) && ...);
+}
+
+// Runs body(std::integral_constant<int, width>{}) with the widest pack width that `fits`,
+// else width 1.
+template <typename T, typename Body>
+void with_pack_width(bool fits, Body&& body) {
+  if (fits) {
+    body(std::integral_constant<int, kPackWidth<T>>{});
+  } else {
+    body(std::integral_constant<int, 1>{});
+  }
+}
 
 inline int64_t multiprocessor_count() {
   int count = 0;

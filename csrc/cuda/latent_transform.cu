@@ -1,6 +1,8 @@
 // latent_transform on CUDA: one warp per row (position), rows strided over the grid.
-// Each warp keeps its running y (and, in the backward, y_0 .. y_{L-1} and g) in float
-// accumulators in shared memory; rows too long for that use a global workspace instead.
+// Rows of up to 256 values and up to 4 layers (the SMD head's sizes) stay in registers, with
+// every load issued up front. Longer rows run the math header's row routines, each warp
+// keeping its running y (and, in the backward, y_0 .. y_{L-1} and g) in float accumulators in
+// shared memory, or in a global workspace when even that is too small.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -81,6 +83,156 @@ __global__ void latent_transform_backward_kernel(const scalar_t* __restrict__ gr
   }
 }
 
+// Rows of up to kWarpSize * kValues coordinates, at most kMaxLayers layers: the warp keeps
+// the whole row in registers. Lane `lane` owns the packs lane, lane + 32, ... (kValues / kWidth
+// of them), and every load of the row is issued before the first reduction, so a warp has all
+// its bytes in flight at once instead of one layer's.
+constexpr int kMaxLayers = 4;
+
+template <typename acc_t, int kValues>
+struct RowSlice {
+  acc_t value[kValues];
+};
+
+// Loads this lane's coordinates of a row (zeros past D) as acc_t.
+template <typename scalar_t, typename acc_t, int kWidth, int kValues>
+__device__ __forceinline__ RowSlice<acc_t, kValues> load_slice(const scalar_t* row, int64_t D, int lane) {
+  RowSlice<acc_t, kValues> slice;
+#pragma unroll
+  for (int p = 0; p < kValues / kWidth; ++p) {
+    const int64_t d = (static_cast<int64_t>(p) * kWarpSize + lane) * kWidth;
+    if (d < D) {
+      const auto pack = load_pack<scalar_t, kWidth>(row + d);
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) slice.value[p * kWidth + j] = static_cast<acc_t>(pack.value[j]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) slice.value[p * kWidth + j] = acc_t(0);
+    }
+  }
+  return slice;
+}
+
+template <typename scalar_t, typename acc_t, int kWidth, int kValues>
+__device__ __forceinline__ void store_slice(scalar_t* row, int64_t D, int lane, const RowSlice<acc_t, kValues>& slice) {
+#pragma unroll
+  for (int p = 0; p < kValues / kWidth; ++p) {
+    const int64_t d = (static_cast<int64_t>(p) * kWarpSize + lane) * kWidth;
+    if (d < D) {
+      Pack<scalar_t, kWidth> pack;
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) pack.value[j] = static_cast<scalar_t>(slice.value[p * kWidth + j]);
+      store_pack(row + d, pack);
+    }
+  }
+}
+
+// <a, b> over the whole row: this lane's share, summed over the warp.
+template <typename acc_t, int kValues>
+__device__ __forceinline__ acc_t row_dot(const RowSlice<acc_t, kValues>& a, const RowSlice<acc_t, kValues>& b) {
+  acc_t partial = 0;
+#pragma unroll
+  for (int i = 0; i < kValues; ++i) partial += a.value[i] * b.value[i];
+  return warp_sum(partial);
+}
+
+template <typename scalar_t, typename acc_t, int kWidth, int kValues>
+__global__ void latent_transform_registers_kernel(const scalar_t* __restrict__ r, const scalar_t* __restrict__ v,
+                                                  const acc_t* __restrict__ s, int64_t s_layer_stride,
+                                                  int64_t s_row_stride, int64_t N, int64_t L, int64_t D,
+                                                  scalar_t* __restrict__ out) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warps_per_block = blockDim.x / kWarpSize;
+  for (int64_t row = blockIdx.x * warps_per_block + threadIdx.x / kWarpSize; row < N;
+       row += gridDim.x * warps_per_block) {
+    RowSlice<acc_t, kValues> y = load_slice<scalar_t, acc_t, kWidth, kValues>(r + row * D, D, lane);
+    RowSlice<acc_t, kValues> v_rows[kMaxLayers];
+#pragma unroll
+    for (int l = 0; l < kMaxLayers; ++l) {
+      if (l < L) v_rows[l] = load_slice<scalar_t, acc_t, kWidth, kValues>(v + (l * N + row) * D, D, lane);
+    }
+#pragma unroll
+    for (int l = 0; l < kMaxLayers; ++l) {
+      if (l >= L) break;
+      const acc_t a = row_dot(v_rows[l], y), s_l = s[row * s_row_stride + l * s_layer_stride];
+#pragma unroll
+      for (int i = 0; i < kValues; ++i) y.value[i] = math::layer_output(v_rows[l].value[i], a, s_l, y.value[i]);
+    }
+    store_slice<scalar_t, acc_t, kWidth, kValues>(out + row * D, D, lane, y);
+  }
+}
+
+template <typename scalar_t, typename acc_t, int kWidth, int kValues>
+__global__ void latent_transform_registers_backward_kernel(
+    const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ r, const scalar_t* __restrict__ v,
+    const acc_t* __restrict__ s, int64_t s_layer_stride, int64_t s_row_stride, int64_t N, int64_t L, int64_t D,
+    scalar_t* __restrict__ grad_r, scalar_t* __restrict__ grad_v, acc_t* __restrict__ grad_s) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warps_per_block = blockDim.x / kWarpSize;
+  for (int64_t row = blockIdx.x * warps_per_block + threadIdx.x / kWarpSize; row < N;
+       row += gridDim.x * warps_per_block) {
+    RowSlice<acc_t, kValues> inputs[kMaxLayers];  // y_0 = r, ..., y_{L-1}: the input of each layer
+    RowSlice<acc_t, kValues> v_rows[kMaxLayers];
+    inputs[0] = load_slice<scalar_t, acc_t, kWidth, kValues>(r + row * D, D, lane);
+    RowSlice<acc_t, kValues> g = load_slice<scalar_t, acc_t, kWidth, kValues>(grad_y + row * D, D, lane);
+#pragma unroll
+    for (int l = 0; l < kMaxLayers; ++l) {
+      if (l < L) v_rows[l] = load_slice<scalar_t, acc_t, kWidth, kValues>(v + (l * N + row) * D, D, lane);
+    }
+    // The forward again, keeping each layer's input and a_l.
+    acc_t a[kMaxLayers], s_rows[kMaxLayers];
+#pragma unroll
+    for (int l = 0; l < kMaxLayers; ++l) {
+      if (l >= L) break;
+      a[l] = row_dot(v_rows[l], inputs[l]);
+      s_rows[l] = s[row * s_row_stride + l * s_layer_stride];
+      if (l + 1 < kMaxLayers && l + 1 < L) {
+#pragma unroll
+        for (int i = 0; i < kValues; ++i) {
+          inputs[l + 1].value[i] = math::layer_output(v_rows[l].value[i], a[l], s_rows[l], inputs[l].value[i]);
+        }
+      }
+    }
+#pragma unroll
+    for (int l = kMaxLayers - 1; l >= 0; --l) {
+      if (l >= L) continue;
+      const acc_t gv = row_dot(g, v_rows[l]), gy = row_dot(g, inputs[l]);
+      RowSlice<acc_t, kValues> grad_v_l;
+#pragma unroll
+      for (int i = 0; i < kValues; ++i) {
+        grad_v_l.value[i] = math::layer_grad_v(g.value[i], a[l], gv, inputs[l].value[i]);
+        g.value[i] = math::layer_grad_input(v_rows[l].value[i], gv, s_rows[l], g.value[i]);
+      }
+      store_slice<scalar_t, acc_t, kWidth, kValues>(grad_v + (l * N + row) * D, D, lane, grad_v_l);
+      if (lane == 0) grad_s[l * N + row] = gy;
+    }
+    store_slice<scalar_t, acc_t, kWidth, kValues>(grad_r + row * D, D, lane, g);
+  }
+}
+
+// Runs body(width, values) for the register kernels when a row fits them (D <= 256 values,
+// L <= kMaxLayers) and returns true; else returns false. `values` per lane is 4 (D <= 128)
+// or 8; the width is the widest pack up to `values` that the rows at `pointers` allow, else 1.
+template <typename scalar_t, typename Body, typename... Pointers>
+bool with_register_rows(int64_t L, int64_t D, Body&& body, const Pointers*... pointers) {
+  if (L > kMaxLayers || D > 8 * kWarpSize) return false;
+  const auto run = [&](auto values) {
+    constexpr int kValues = decltype(values)::value;
+    constexpr int kWide = kPackWidth<scalar_t> < kValues ? kPackWidth<scalar_t> : kValues;
+    if (fits_packs<kWide>(D, pointers...)) {
+      body(std::integral_constant<int, kWide>{}, values);
+    } else {
+      body(std::integral_constant<int, 1>{}, values);
+    }
+  };
+  if (D <= 4 * kWarpSize) {
+    run(std::integral_constant<int, 4>{});
+  } else {
+    run(std::integral_constant<int, 8>{});
+  }
+  return true;
+}
+
 at::Tensor global_workspace(const WarpLaunch& plan, int64_t per_row, const at::Tensor& like) {
   if (!plan.global) return at::Tensor();
   return at::empty({plan.blocks * plan.warps_per_block * per_row}, like.options());
@@ -97,6 +249,16 @@ at::Tensor latent_transform(const at::Tensor& r_in, const at::Tensor& v_in, cons
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "latent_transform_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *r_ptr = r.const_data_ptr<scalar_t>(), *v_ptr = v.const_data_ptr<scalar_t>();
+    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+    const auto in_registers = [&](auto width, auto values) {
+      constexpr int kWarpsPerBlock = kThreadsPerBlock / kWarpSize;
+      latent_transform_registers_kernel<scalar_t, acc_t, decltype(width)::value, decltype(values)::value>
+          <<<blocks_for(n.N, kWarpsPerBlock), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+              r_ptr, v_ptr, s.const_data_ptr<acc_t>(), s_layer_stride, s_row_stride, n.N, n.L, n.D, out_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (with_register_rows<scalar_t>(n.L, n.D, in_registers, r_ptr, v_ptr, out_ptr)) return;
     const WarpLaunch plan = plan_warp_launch(n.N, n.D, sizeof(acc_t));
     at::Tensor workspace = global_workspace(plan, n.D, s);
     latent_transform_kernel<scalar_t, acc_t>
@@ -126,6 +288,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> latent_transform_backward(const a
   if (n.N > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "latent_transform_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t *grad_y_ptr = grad_y.const_data_ptr<scalar_t>(), *r_ptr = r.const_data_ptr<scalar_t>(),
+                     *v_ptr = v.const_data_ptr<scalar_t>();
+      scalar_t *grad_r_ptr = grad_r.mutable_data_ptr<scalar_t>(), *grad_v_ptr = grad_v.mutable_data_ptr<scalar_t>();
+      const auto in_registers = [&](auto width, auto values) {
+        constexpr int kWarpsPerBlock = kThreadsPerBlock / kWarpSize;
+        latent_transform_registers_backward_kernel<scalar_t, acc_t, decltype(width)::value, decltype(values)::value>
+            <<<blocks_for(n.N, kWarpsPerBlock), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+                grad_y_ptr, r_ptr, v_ptr, s.const_data_ptr<acc_t>(), s_layer_stride, s_row_stride, n.N, n.L, n.D,
+                grad_r_ptr, grad_v_ptr, grad_s_rows.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (with_register_rows<scalar_t>(n.L, n.D, in_registers, grad_y_ptr, r_ptr, v_ptr, grad_r_ptr, grad_v_ptr)) {
+        return;
+      }
       const int64_t per_row = (n.L + 1) * n.D;
       const WarpLaunch plan = plan_warp_launch(n.N, per_row, sizeof(acc_t));
       at::Tensor workspace = global_workspace(plan, per_row, s);

@@ -20,6 +20,25 @@
 
 namespace softmix::math {
 
+// The per-coordinate steps, in one place for the row routines below and the CUDA kernels that
+// keep a row in registers:
+//   forward:   y_l[d] = v_l[d] a_l + s_l y_{l-1}[d]
+//   backward:  dL/dv_l[d] = g[d] a_l + <g, v_l> y_{l-1}[d],  dL/dy_{l-1}[d] = v_l[d] <g, v_l> + s_l g[d]
+template <typename acc_t>
+SOFTMIX_HD acc_t layer_output(acc_t v_d, acc_t a, acc_t s_l, acc_t y_d) {
+  return v_d * a + s_l * y_d;
+}
+
+template <typename acc_t>
+SOFTMIX_HD acc_t layer_grad_v(acc_t g_d, acc_t a, acc_t gv, acc_t y_prev_d) {
+  return g_d * a + gv * y_prev_d;
+}
+
+template <typename acc_t>
+SOFTMIX_HD acc_t layer_grad_input(acc_t v_d, acc_t gv, acc_t s_l, acc_t g_d) {
+  return v_d * gv + s_l * g_d;
+}
+
 // One row: r (D), v (L rows of D, `layer_stride` apart), s_l = s[l * s_layer_stride] (kept in
 // the accumulation type, so a float32 scale stays exact next to half-precision features).
 // `y` is scratch of D accumulators; the result is written to `out` (D).
@@ -36,7 +55,7 @@ SOFTMIX_HD void latent_transform_row(const scalar_t* r, const scalar_t* v, int64
     for (int64_t d = lanes.first(); d < D; d += lanes.step()) a += static_cast<acc_t>(v_l[d]) * y[d];
     a = lanes.sum(a);
     for (int64_t d = lanes.first(); d < D; d += lanes.step())
-      y[d] = static_cast<acc_t>(v_l[d]) * a + s_l * y[d];
+      y[d] = layer_output(static_cast<acc_t>(v_l[d]), a, s_l, y[d]);
   }
   for (int64_t d = lanes.first(); d < D; d += lanes.step()) out[d] = static_cast<scalar_t>(y[d]);
 }
@@ -64,7 +83,7 @@ SOFTMIX_HD void latent_transform_backward_row(const scalar_t* grad_y, const scal
     for (int64_t d = lanes.first(); d < D; d += lanes.step()) a += static_cast<acc_t>(v_l[d]) * y_prev[d];
     a = lanes.sum(a);
     for (int64_t d = lanes.first(); d < D; d += lanes.step())
-      y_next[d] = static_cast<acc_t>(v_l[d]) * a + s_l * y_prev[d];
+      y_next[d] = layer_output(static_cast<acc_t>(v_l[d]), a, s_l, y_prev[d]);
   }
 
   for (int64_t d = lanes.first(); d < D; d += lanes.step()) g[d] = static_cast<acc_t>(grad_y[d]);
@@ -87,8 +106,8 @@ SOFTMIX_HD void latent_transform_backward_row(const scalar_t* grad_y, const scal
     scalar_t* grad_v_l = grad_v + l * layer_stride;
     for (int64_t d = lanes.first(); d < D; d += lanes.step()) {
       const acc_t v_d = static_cast<acc_t>(v_l[d]);
-      grad_v_l[d] = static_cast<scalar_t>(g[d] * a + gv * y_prev[d]);
-      g[d] = v_d * gv + s_l * g[d];
+      grad_v_l[d] = static_cast<scalar_t>(layer_grad_v(g[d], a, gv, y_prev[d]));
+      g[d] = layer_grad_input(v_d, gv, s_l, g[d]);
     }
     if (lanes.is_leader()) grad_s[l * grad_s_layer_stride] = gy;
   }

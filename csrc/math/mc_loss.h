@@ -20,8 +20,9 @@
 // Without log-weights the uniform 1/M is a division by M (jensen) or a log M taken out of the
 // log-sum-exp (logmeanexp): the operations, in the order, the op had before it took log-weights.
 //
-// `lanes` says which k this thread owns and how partial sums combine (see
-// latent_transform.h); on the GPU one block handles one example. The forward returns the
+// The row routines take `lanes` (see latent_transform.h): the CPU kernel runs them with one
+// thread per example. The CUDA kernels split an example's K over many warps, so they build on
+// the per-value terms and the per-example loss_from_errors / loss_gradients. The forward returns the
 // errors e (M, B) beside the loss so that the backward is a single pass over pred. The
 // log-weights (M, B), when given, are laid out like the errors: an example's column of both
 // is read at the same `stride`.
@@ -37,6 +38,19 @@ namespace softmix::math {
 
 enum class Bound : int64_t { kJensen = 0, kLogMeanExp = 1 };
 
+// The per-value terms: (pred - target)^2, summed into e_m, and its share of dloss/dpred,
+// coef * 2 (pred - target) / K with coef = dloss/de_m and two_over_k = 2 / K.
+template <typename acc_t, typename scalar_t>
+SOFTMIX_HD acc_t squared_difference(scalar_t pred, scalar_t target) {
+  const acc_t diff = static_cast<acc_t>(pred) - static_cast<acc_t>(target);
+  return diff * diff;
+}
+
+template <typename acc_t>
+SOFTMIX_HD acc_t squared_error_gradient(acc_t coef, acc_t two_over_k, acc_t pred, acc_t target) {
+  return coef * two_over_k * (pred - target);
+}
+
 // err[m * err_stride] = mean_k (pred[m * sample_stride + k] - target[k])^2, for m < M.
 // (err_stride is B: the errors of all examples form an (M, B) tensor, like pred's leading dims.)
 template <typename scalar_t, typename acc_t, typename Lanes>
@@ -46,10 +60,7 @@ SOFTMIX_HD void squared_errors(const scalar_t* pred, int64_t sample_stride, cons
     const scalar_t* pred_m = pred + m * sample_stride;
     acc_t partial = 0;
     SOFTMIX_SIMD_SUM(partial)
-    for (int64_t k = lanes.first(); k < K; k += lanes.step()) {
-      const acc_t diff = static_cast<acc_t>(pred_m[k]) - static_cast<acc_t>(target[k]);
-      partial += diff * diff;
-    }
+    for (int64_t k = lanes.first(); k < K; k += lanes.step()) partial += squared_difference<acc_t>(pred_m[k], target[k]);
     const acc_t total = lanes.sum(partial);
     if (lanes.is_leader()) err[m * err_stride] = total / static_cast<acc_t>(K);
   }
@@ -186,7 +197,7 @@ SOFTMIX_HD void squared_error_backward(const scalar_t* pred, int64_t sample_stri
     const acc_t t = static_cast<acc_t>(target[k]);
     acc_t g_target = 0;
     for (int64_t m = 0; m < M; ++m) {
-      const acc_t g = coef[m] * two_over_k * (static_cast<acc_t>(pred[m * sample_stride + k]) - t);
+      const acc_t g = squared_error_gradient(coef[m], two_over_k, static_cast<acc_t>(pred[m * sample_stride + k]), t);
       grad_pred[m * sample_stride + k] = static_cast<scalar_t>(g);
       g_target -= g;
     }
