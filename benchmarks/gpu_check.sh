@@ -2,6 +2,7 @@
 # Everything a GPU session should run, in one call of the device tool: build with CUDA, the
 # CUDA-marked tests, the op benchmark (one run per op), compute-sanitizer memcheck and
 # racecheck on the CUDA op tests, the kernels' SASS, and the training-step benchmark.
+# ops_profile.py splits each op's call into kernel and host time.
 #
 #   bash benchmarks/gpu_check.sh
 #
@@ -72,6 +73,10 @@ gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-' |
 for op in ${GPU_CHECK_OPS:-latent_transform mc_loss denoise_step}; do
   stage "ops.py $op" 120 "$py" benchmarks/ops.py --device cuda --ops "$op" --out "$out/ops-${gpu}-${op}.md"
 done
+
+# how much of each op's fwd+bwd call is its kernels and how much the host
+stage "ops_profile.py" 60 "$py" benchmarks/ops_profile.py --ops "$(echo ${GPU_CHECK_OPS:-latent_transform mc_loss denoise_step} | tr ' ' ',')" \
+  --out "$out/ops-profile-${gpu}.md"
 
 # memcheck: without the caching allocator every tensor is its own allocation, so a read
 # past a tensor's end lands outside any allocation and is caught. By default the float32

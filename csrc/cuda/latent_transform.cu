@@ -83,10 +83,10 @@ __global__ void latent_transform_backward_kernel(const scalar_t* __restrict__ gr
   }
 }
 
-// Rows of up to kWarpSize * kValues coordinates, at most kMaxLayers layers: the warp keeps
+// Rows of up to kWarpSize * kValues coordinates and at most kLayers layers: the warp keeps
 // the whole row in registers. Lane `lane` owns the packs lane, lane + 32, ... (kValues / kWidth
-// of them), and every load of the row is issued before the first reduction, so a warp has all
-// its bytes in flight at once instead of one layer's.
+// of them), and every load of a row is issued before its first reduction. kLayers is 2 or 4:
+// arrays sized for 4 layers would hold registers that the common L <= 2 never uses.
 constexpr int kMaxLayers = 4;
 
 template <typename acc_t, int kValues>
@@ -136,7 +136,27 @@ __device__ __forceinline__ acc_t row_dot(const RowSlice<acc_t, kValues>& a, cons
   return warp_sum(partial);
 }
 
-template <typename scalar_t, typename acc_t, int kWidth, int kValues>
+// What one row reads: its first vector (r in the forward, grad_y beside r in the backward)
+// and the L rows of v.
+template <typename acc_t, int kValues, int kLayers>
+struct RowLoads {
+  RowSlice<acc_t, kValues> r, grad_y;
+  RowSlice<acc_t, kValues> v[kLayers];
+};
+
+template <typename scalar_t, typename acc_t, int kWidth, int kValues, int kLayers>
+__device__ __forceinline__ void load_row(RowLoads<acc_t, kValues, kLayers>& loads, const scalar_t* grad_y,
+                                         const scalar_t* r, const scalar_t* v, int64_t row, int64_t N, int64_t L,
+                                         int64_t D, int lane) {
+  loads.r = load_slice<scalar_t, acc_t, kWidth, kValues>(r + row * D, D, lane);
+  if (grad_y != nullptr) loads.grad_y = load_slice<scalar_t, acc_t, kWidth, kValues>(grad_y + row * D, D, lane);
+#pragma unroll
+  for (int l = 0; l < kLayers; ++l) {
+    if (l < L) loads.v[l] = load_slice<scalar_t, acc_t, kWidth, kValues>(v + (l * N + row) * D, D, lane);
+  }
+}
+
+template <typename scalar_t, typename acc_t, int kWidth, int kValues, int kLayers>
 __global__ void latent_transform_registers_kernel(const scalar_t* __restrict__ r, const scalar_t* __restrict__ v,
                                                   const acc_t* __restrict__ s, int64_t s_layer_stride,
                                                   int64_t s_row_stride, int64_t N, int64_t L, int64_t D,
@@ -145,90 +165,107 @@ __global__ void latent_transform_registers_kernel(const scalar_t* __restrict__ r
   const int64_t warps_per_block = blockDim.x / kWarpSize;
   for (int64_t row = blockIdx.x * warps_per_block + threadIdx.x / kWarpSize; row < N;
        row += gridDim.x * warps_per_block) {
-    RowSlice<acc_t, kValues> y = load_slice<scalar_t, acc_t, kWidth, kValues>(r + row * D, D, lane);
-    RowSlice<acc_t, kValues> v_rows[kMaxLayers];
+    RowLoads<acc_t, kValues, kLayers> loads;
+    load_row<scalar_t, acc_t, kWidth>(loads, static_cast<const scalar_t*>(nullptr), r, v, row, N, L, D, lane);
+    RowSlice<acc_t, kValues>& y = loads.r;
 #pragma unroll
-    for (int l = 0; l < kMaxLayers; ++l) {
-      if (l < L) v_rows[l] = load_slice<scalar_t, acc_t, kWidth, kValues>(v + (l * N + row) * D, D, lane);
-    }
-#pragma unroll
-    for (int l = 0; l < kMaxLayers; ++l) {
+    for (int l = 0; l < kLayers; ++l) {
       if (l >= L) break;
-      const acc_t a = row_dot(v_rows[l], y), s_l = s[row * s_row_stride + l * s_layer_stride];
+      const acc_t a = row_dot(loads.v[l], y), s_l = s[row * s_row_stride + l * s_layer_stride];
 #pragma unroll
-      for (int i = 0; i < kValues; ++i) y.value[i] = math::layer_output(v_rows[l].value[i], a, s_l, y.value[i]);
+      for (int i = 0; i < kValues; ++i) y.value[i] = math::layer_output(loads.v[l].value[i], a, s_l, y.value[i]);
     }
     store_slice<scalar_t, acc_t, kWidth, kValues>(out + row * D, D, lane, y);
   }
 }
 
-template <typename scalar_t, typename acc_t, int kWidth, int kValues>
+// The backward holds a row for longer (the forward again, then L rounds of two reductions),
+// so it loads the warp's next row before working on this one: the loads stay in flight
+// through the reductions. Only where that second row fits in registers (at most 128 bytes
+// per lane): beyond, nvcc spills, or occupancy drops more than the prefetch gains.
+template <typename scalar_t, typename acc_t, int kWidth, int kValues, int kLayers>
 __global__ void latent_transform_registers_backward_kernel(
     const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ r, const scalar_t* __restrict__ v,
     const acc_t* __restrict__ s, int64_t s_layer_stride, int64_t s_row_stride, int64_t N, int64_t L, int64_t D,
     scalar_t* __restrict__ grad_r, scalar_t* __restrict__ grad_v, acc_t* __restrict__ grad_s) {
+  constexpr bool kPrefetch = kValues * (2 + kLayers) * sizeof(acc_t) <= 128;
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t warps_per_block = blockDim.x / kWarpSize;
-  for (int64_t row = blockIdx.x * warps_per_block + threadIdx.x / kWarpSize; row < N;
-       row += gridDim.x * warps_per_block) {
-    RowSlice<acc_t, kValues> inputs[kMaxLayers];  // y_0 = r, ..., y_{L-1}: the input of each layer
-    RowSlice<acc_t, kValues> v_rows[kMaxLayers];
-    inputs[0] = load_slice<scalar_t, acc_t, kWidth, kValues>(r + row * D, D, lane);
-    RowSlice<acc_t, kValues> g = load_slice<scalar_t, acc_t, kWidth, kValues>(grad_y + row * D, D, lane);
+  const int64_t warps_per_block = blockDim.x / kWarpSize, stride = gridDim.x * warps_per_block;
+  int64_t row = blockIdx.x * warps_per_block + threadIdx.x / kWarpSize;
+  if (row >= N) return;
+  RowLoads<acc_t, kValues, kLayers> loads, next_loads;
+  load_row<scalar_t, acc_t, kWidth>(loads, grad_y, r, v, row, N, L, D, lane);
+  for (;; row += stride) {
+    const bool has_next = row + stride < N;
+    if (kPrefetch && has_next) load_row<scalar_t, acc_t, kWidth>(next_loads, grad_y, r, v, row + stride, N, L, D, lane);
+
+    // The forward again, keeping each layer's input y_l (y_0 = r) and a_l.
+    RowSlice<acc_t, kValues> inputs[kLayers];
+    acc_t a[kLayers], s_rows[kLayers];
+    inputs[0] = loads.r;
 #pragma unroll
-    for (int l = 0; l < kMaxLayers; ++l) {
-      if (l < L) v_rows[l] = load_slice<scalar_t, acc_t, kWidth, kValues>(v + (l * N + row) * D, D, lane);
-    }
-    // The forward again, keeping each layer's input and a_l.
-    acc_t a[kMaxLayers], s_rows[kMaxLayers];
-#pragma unroll
-    for (int l = 0; l < kMaxLayers; ++l) {
+    for (int l = 0; l < kLayers; ++l) {
       if (l >= L) break;
-      a[l] = row_dot(v_rows[l], inputs[l]);
+      a[l] = row_dot(loads.v[l], inputs[l]);
       s_rows[l] = s[row * s_row_stride + l * s_layer_stride];
-      if (l + 1 < kMaxLayers && l + 1 < L) {
+      if (l + 1 < kLayers && l + 1 < L) {
 #pragma unroll
         for (int i = 0; i < kValues; ++i) {
-          inputs[l + 1].value[i] = math::layer_output(v_rows[l].value[i], a[l], s_rows[l], inputs[l].value[i]);
+          inputs[l + 1].value[i] = math::layer_output(loads.v[l].value[i], a[l], s_rows[l], inputs[l].value[i]);
         }
       }
     }
+    RowSlice<acc_t, kValues>& g = loads.grad_y;
 #pragma unroll
-    for (int l = kMaxLayers - 1; l >= 0; --l) {
+    for (int l = kLayers - 1; l >= 0; --l) {
       if (l >= L) continue;
-      const acc_t gv = row_dot(g, v_rows[l]), gy = row_dot(g, inputs[l]);
+      const acc_t gv = row_dot(g, loads.v[l]), gy = row_dot(g, inputs[l]);
       RowSlice<acc_t, kValues> grad_v_l;
 #pragma unroll
       for (int i = 0; i < kValues; ++i) {
         grad_v_l.value[i] = math::layer_grad_v(g.value[i], a[l], gv, inputs[l].value[i]);
-        g.value[i] = math::layer_grad_input(v_rows[l].value[i], gv, s_rows[l], g.value[i]);
+        g.value[i] = math::layer_grad_input(loads.v[l].value[i], gv, s_rows[l], g.value[i]);
       }
       store_slice<scalar_t, acc_t, kWidth, kValues>(grad_v + (l * N + row) * D, D, lane, grad_v_l);
       if (lane == 0) grad_s[l * N + row] = gy;
     }
     store_slice<scalar_t, acc_t, kWidth, kValues>(grad_r + row * D, D, lane, g);
+    if (!has_next) break;
+    if constexpr (kPrefetch) {
+      loads = next_loads;
+    } else {
+      load_row<scalar_t, acc_t, kWidth>(loads, grad_y, r, v, row + stride, N, L, D, lane);
+    }
   }
 }
 
-// Runs body(width, values) for the register kernels when a row fits them (D <= 256 values,
-// L <= kMaxLayers) and returns true; else returns false. `values` per lane is 4 (D <= 128)
-// or 8; the width is the widest pack up to `values` that the rows at `pointers` allow, else 1.
+// Runs body(width, values, layers) for the register kernels when a row fits them (D <= 256
+// values, L <= kMaxLayers) and returns true; else returns false. `values` per lane is 4
+// (D <= 128) or 8, `layers` 2 (L <= 2) or 4; the width is the widest pack up to `values` that
+// the rows at `pointers` allow, else 1.
 template <typename scalar_t, typename Body, typename... Pointers>
 bool with_register_rows(int64_t L, int64_t D, Body&& body, const Pointers*... pointers) {
   if (L > kMaxLayers || D > 8 * kWarpSize) return false;
-  const auto run = [&](auto values) {
+  const auto run = [&](auto values, auto layers) {
     constexpr int kValues = decltype(values)::value;
     constexpr int kWide = kPackWidth<scalar_t> < kValues ? kPackWidth<scalar_t> : kValues;
     if (fits_packs<kWide>(D, pointers...)) {
-      body(std::integral_constant<int, kWide>{}, values);
+      body(std::integral_constant<int, kWide>{}, values, layers);
     } else {
-      body(std::integral_constant<int, 1>{}, values);
+      body(std::integral_constant<int, 1>{}, values, layers);
+    }
+  };
+  const auto with_layers = [&](auto values) {
+    if (L <= 2) {
+      run(values, std::integral_constant<int, 2>{});
+    } else {
+      run(values, std::integral_constant<int, kMaxLayers>{});
     }
   };
   if (D <= 4 * kWarpSize) {
-    run(std::integral_constant<int, 4>{});
+    with_layers(std::integral_constant<int, 4>{});
   } else {
-    run(std::integral_constant<int, 8>{});
+    with_layers(std::integral_constant<int, 8>{});
   }
   return true;
 }
@@ -251,9 +288,10 @@ at::Tensor latent_transform(const at::Tensor& r_in, const at::Tensor& v_in, cons
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *r_ptr = r.const_data_ptr<scalar_t>(), *v_ptr = v.const_data_ptr<scalar_t>();
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
-    const auto in_registers = [&](auto width, auto values) {
+    const auto in_registers = [&](auto width, auto values, auto layers) {
       constexpr int kWarpsPerBlock = kThreadsPerBlock / kWarpSize;
-      latent_transform_registers_kernel<scalar_t, acc_t, decltype(width)::value, decltype(values)::value>
+      latent_transform_registers_kernel<scalar_t, acc_t, decltype(width)::value, decltype(values)::value,
+                                        decltype(layers)::value>
           <<<blocks_for(n.N, kWarpsPerBlock), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
               r_ptr, v_ptr, s.const_data_ptr<acc_t>(), s_layer_stride, s_row_stride, n.N, n.L, n.D, out_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -291,9 +329,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> latent_transform_backward(const a
       const scalar_t *grad_y_ptr = grad_y.const_data_ptr<scalar_t>(), *r_ptr = r.const_data_ptr<scalar_t>(),
                      *v_ptr = v.const_data_ptr<scalar_t>();
       scalar_t *grad_r_ptr = grad_r.mutable_data_ptr<scalar_t>(), *grad_v_ptr = grad_v.mutable_data_ptr<scalar_t>();
-      const auto in_registers = [&](auto width, auto values) {
+      const auto in_registers = [&](auto width, auto values, auto layers) {
         constexpr int kWarpsPerBlock = kThreadsPerBlock / kWarpSize;
-        latent_transform_registers_backward_kernel<scalar_t, acc_t, decltype(width)::value, decltype(values)::value>
+        latent_transform_registers_backward_kernel<scalar_t, acc_t, decltype(width)::value, decltype(values)::value,
+                                                   decltype(layers)::value>
             <<<blocks_for(n.N, kWarpsPerBlock), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
                 grad_y_ptr, r_ptr, v_ptr, s.const_data_ptr<acc_t>(), s_layer_stride, s_row_stride, n.N, n.L, n.D,
                 grad_r_ptr, grad_v_ptr, grad_s_rows.mutable_data_ptr<acc_t>());
