@@ -6,7 +6,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(softmix, m) {
-  // Fake (meta) kernels and autograd formulas are registered from this Python module.
+  // Fake (meta) kernels are registered from this Python module; autograd in autograd.cpp.
   m.set_python_module("softmix.ops");
   m.def("latent_transform(Tensor r, Tensor v, Tensor s) -> Tensor");
   m.def("latent_transform_backward(Tensor grad_y, Tensor r, Tensor v, Tensor s) -> (Tensor, Tensor, Tensor)");

@@ -2,9 +2,9 @@
 
 This is the only module that knows about the compiled extension. Importing it loads
 ``softmix._C``, whose static initialisers register the operator schemas and the CPU (and,
-when built, CUDA) kernels with the dispatcher. Here we add what the dispatcher needs from
-Python: fake (meta) kernels so ``torch.compile`` can trace the ops, and autograd formulas
-that call the fused backward kernels.
+when built, CUDA) kernels with the dispatcher, and the autograd formulas that call the fused
+backward kernels (``csrc/autograd.cpp``). Here we add what the dispatcher needs from Python:
+fake (meta) kernels so ``torch.compile`` can trace the ops and their backward ops.
 
 Each operator is reachable both as ``softmix.ops.<name>`` and ``torch.ops.softmix.<name>``.
 """
@@ -59,23 +59,6 @@ def _(grad_y, r, v, s):
     return r.new_empty(r.shape), v.new_empty(v.shape), s.new_empty(s.shape)
 
 
-def _latent_transform_setup(ctx, inputs, output):
-    r, v, s = inputs
-    ctx.save_for_backward(r, v, s)
-
-
-def _latent_transform_backward(ctx, grad_y):
-    r, v, s = ctx.saved_tensors
-    grad_r, grad_v, grad_s = torch.ops.softmix.latent_transform_backward(grad_y, r, v, s)
-    needs = ctx.needs_input_grad
-    return (grad_r if needs[0] else None, grad_v if needs[1] else None, grad_s if needs[2] else None)
-
-
-torch.library.register_autograd(
-    "softmix::latent_transform", _latent_transform_backward, setup_context=_latent_transform_setup
-)
-
-
 # --------------------------------------------------------------------------------------
 # mc_loss
 # --------------------------------------------------------------------------------------
@@ -128,7 +111,7 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # torch.ops.softmix.mc_loss decomposes (in C++) into mc_loss_with_errors, which also returns
 # the (M, B) per-sample errors, so the backward reads pred once instead of recomputing them.
-# The fake kernel and the autograd formula belong to that op.
+# The fake kernel and the autograd formula (csrc/autograd.cpp) belong to that op.
 # Fake kernels repeat the schema's defaults: the dispatcher may drop arguments left at them.
 @torch.library.register_fake("softmix::mc_loss_with_errors")
 def _(pred, target, weight, bound="jensen", temperature=1.0, log_weights=None):
@@ -144,36 +127,6 @@ def _(grad_loss, pred, target, weight, errors, bound, temperature, need_grad_tar
     # like errors: (M, B) in the loss dtype, which log_weights has
     grad_log_weights = errors.new_empty(errors.shape if need_grad_log_weights else (0,))
     return pred.new_empty(pred.shape), grad_target, weight.new_empty(weight.shape), grad_log_weights
-
-
-def _mc_loss_setup(ctx, inputs, output):
-    pred, target, weight, bound, temperature, log_weights = inputs
-    ctx.save_for_backward(pred, target, weight, output[1], log_weights)
-    ctx.mark_non_differentiable(output[1])
-    ctx.bound, ctx.temperature = bound, temperature
-
-
-def _mc_loss_backward(ctx, grad_loss, grad_errors):
-    pred, target, weight, errors, log_weights = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    need_grad_log_weights = log_weights is not None and needs[5]
-    grad_pred, grad_target, grad_weight, grad_log_weights = torch.ops.softmix.mc_loss_backward(
-        grad_loss, pred, target, weight, errors, ctx.bound, ctx.temperature, needs[1], log_weights,
-        need_grad_log_weights,
-    )
-    return (
-        grad_pred if needs[0] else None,
-        grad_target if needs[1] else None,
-        grad_weight if needs[2] else None,
-        None,
-        None,
-        grad_log_weights if need_grad_log_weights else None,
-    )
-
-
-torch.library.register_autograd(
-    "softmix::mc_loss_with_errors", _mc_loss_backward, setup_context=_mc_loss_setup
-)
 
 
 # --------------------------------------------------------------------------------------
@@ -264,48 +217,3 @@ def _(x_t, model_output, alpha_bar_t, alpha_bar_prev, noise=None, eta=1.0, predi
 def _(grad_x_prev, grad_x0, x_t, model_output, alpha_bar_t, alpha_bar_prev, eta, prediction_type, clip_sample,
       need_grad_noise):
     return x_t.new_empty(x_t.shape), x_t.new_empty(x_t.shape), x_t.new_empty(x_t.shape if need_grad_noise else (0,))
-
-
-def _denoise_step_setup(ctx, inputs, output):
-    x_t, model_output, alpha_bar_t, alpha_bar_prev, noise, eta, prediction_type, clip_sample, _seed = inputs
-    ctx.save_for_backward(x_t, model_output, alpha_bar_t, alpha_bar_prev)
-    ctx.eta, ctx.prediction_type, ctx.clip_sample = eta, prediction_type, clip_sample
-    ctx.has_noise = noise is not None
-
-
-def _denoise_step_backward(ctx, grad_x_prev, grad_x0):
-    x_t, model_output, alpha_bar_t, alpha_bar_prev = ctx.saved_tensors
-    if grad_x_prev is None:
-        grad_x_prev = torch.zeros_like(x_t)
-    if grad_x0 is None:
-        grad_x0 = torch.zeros_like(x_t)
-    needs = ctx.needs_input_grad
-    need_grad_noise = ctx.has_noise and needs[4]
-    grad_x_t, grad_model_output, grad_noise = torch.ops.softmix.denoise_step_backward(
-        grad_x_prev,
-        grad_x0,
-        x_t,
-        model_output,
-        alpha_bar_t,
-        alpha_bar_prev,
-        ctx.eta,
-        ctx.prediction_type,
-        ctx.clip_sample,
-        need_grad_noise,
-    )
-    return (
-        grad_x_t if needs[0] else None,
-        grad_model_output if needs[1] else None,
-        None,  # the schedule is not differentiated through
-        None,
-        grad_noise if need_grad_noise else None,
-        None,
-        None,
-        None,
-        None,  # seed
-    )
-
-
-torch.library.register_autograd(
-    "softmix::denoise_step", _denoise_step_backward, setup_context=_denoise_step_setup
-)
