@@ -1,6 +1,6 @@
-// How threads on the GPU share one row of the math headers (see math/latent_transform.h).
+// What the CUDA kernels share: how a warp shares one row of the math headers (see
+// math/latent_transform.h), 16-byte packs of values, and the grid size.
 #pragma once
-
 
 // Only c10's CUDA headers: ATen/cuda/CUDAContext.h pulls in cuBLAS and cuSPARSE, which a
 // bare nvcc install (the compile check on CPU-only machines) does not have.
@@ -33,25 +33,6 @@ struct WarpLanes {
   __device__ T sum(T partial) const { return warp_sum(partial); }
   __device__ bool is_leader() const { return lane == 0; }
   __device__ void sync() const { __syncwarp(); }
-};
-
-// A block shares one row; `buffer` is shared memory with one slot per warp.
-template <typename acc_t>
-struct BlockLanes {
-  acc_t* buffer;
-  __device__ int64_t first() const { return threadIdx.x; }
-  __device__ int64_t step() const { return blockDim.x; }
-  __device__ acc_t sum(acc_t partial) const {
-    partial = warp_sum(partial);
-    __syncthreads();  // every thread has read the buffer of the previous sum
-    if (threadIdx.x % kWarpSize == 0) buffer[threadIdx.x / kWarpSize] = partial;
-    __syncthreads();
-    acc_t total = 0;
-    for (int w = 0; w < static_cast<int>(blockDim.x / kWarpSize); ++w) total += buffer[w];
-    return total;
-  }
-  __device__ bool is_leader() const { return threadIdx.x == 0; }
-  __device__ void sync() const { __syncthreads(); }
 };
 
 // kWidth consecutive values moved by one 16-byte (or narrower) global access: elementwise
