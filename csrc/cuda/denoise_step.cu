@@ -157,7 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_step_backward(
     const scalar_t *grad_x_prev_ptr = grad_x_prev.const_data_ptr<scalar_t>(),
                    *grad_x0_ptr = grad_x0.const_data_ptr<scalar_t>(), *x_t_ptr = x_t.const_data_ptr<scalar_t>(),
                    *model_ptr = model_output.const_data_ptr<scalar_t>();
-    scalar_t *grad_x_ptr = grad_x.mutable_data_ptr<scalar_t>(), *grad_model_ptr = grad_model.mutable_data_ptr<scalar_t>(),
+    scalar_t *grad_x_ptr = grad_x.mutable_data_ptr<scalar_t>(),
+             *grad_model_ptr = grad_model.mutable_data_ptr<scalar_t>(),
              *grad_noise_ptr = need_grad_noise ? grad_noise.mutable_data_ptr<scalar_t>() : nullptr;
     const bool fits = fits_packs<kPackWidth<scalar_t>>(n.K, grad_x_prev_ptr, grad_x0_ptr, x_t_ptr, model_ptr,
                                                        grad_x_ptr, grad_model_ptr, grad_noise_ptr);

@@ -22,10 +22,10 @@
 //
 // The row routines take `lanes` (see latent_transform.h): the CPU kernel runs them with one
 // thread per example. The CUDA kernels split an example's K over many warps, so they build on
-// the per-value terms and the per-example loss_from_errors / loss_gradients. The forward returns the
-// errors e (M, B) beside the loss so that the backward is a single pass over pred. The
-// log-weights (M, B), when given, are laid out like the errors: an example's column of both
-// is read at the same `stride`.
+// the per-value terms and the per-example loss_from_errors / loss_gradients. The forward
+// returns the errors e (M, B) beside the loss so that the backward is a single pass over pred.
+// The log-weights (M, B), when given, are laid out like the errors: an example's column of
+// both is read at the same `stride`.
 #pragma once
 
 #include <cmath>
@@ -60,7 +60,9 @@ SOFTMIX_HD void squared_errors(const scalar_t* pred, int64_t sample_stride, cons
     const scalar_t* pred_m = pred + m * sample_stride;
     acc_t partial = 0;
     SOFTMIX_SIMD_SUM(partial)
-    for (int64_t k = lanes.first(); k < K; k += lanes.step()) partial += squared_difference<acc_t>(pred_m[k], target[k]);
+    for (int64_t k = lanes.first(); k < K; k += lanes.step()) {
+      partial += squared_difference<acc_t>(pred_m[k], target[k]);
+    }
     const acc_t total = lanes.sum(partial);
     if (lanes.is_leader()) err[m * err_stride] = total / static_cast<acc_t>(K);
   }
