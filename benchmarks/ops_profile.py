@@ -39,14 +39,16 @@ def inputs(op: str, device, batch: int, channels: int, size: int, dim: int, laye
     image = (batch, channels, size, size)
     if op == "latent_transform":
         n = batch * size * size
-        r, v, s, gy = randn(n, dim, grad=True), randn(layers, n, dim, grad=True), randn(layers, grad=True), randn(n, dim)
+        r, v, gy = randn(n, dim, grad=True), randn(layers, n, dim, grad=True), randn(n, dim)
+        s = randn(layers, grad=True)
         return lambda: torch.autograd.grad(ops.latent_transform(r, v, s), (r, v, s), gy)
     if op == "mc_loss":
         target, pred = randn(*image), randn(samples, *image, grad=True)
         weight, gl = torch.rand(batch, generator=gen).to(device) + 0.5, torch.ones(batch, device=device)
         return lambda: torch.autograd.grad(ops.mc_loss(pred, target, weight, "jensen"), (pred,), gl)
     if op == "denoise_step":
-        x, m, noise, g_prev, g_x0 = randn(*image, grad=True), randn(*image, grad=True), randn(*image), randn(*image), randn(*image)
+        x, m = randn(*image, grad=True), randn(*image, grad=True)
+        noise, g_prev, g_x0 = randn(*image), randn(*image), randn(*image)
         a_t = torch.full((batch,), 0.5, device=device)
         a_prev = torch.full((batch,), 0.52, device=device)
 
