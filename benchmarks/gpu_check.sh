@@ -70,12 +70,13 @@ stage "pytest -m cuda" 180 "$py" -m pytest -q -m cuda "${xdist[@]}" -p no:cachep
 grep -E "passed|failed" "$log" | tail -1
 
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-' | tr -cd '[:alnum:]-')
-for op in ${GPU_CHECK_OPS:-latent_transform mc_loss denoise_step}; do
+ops=${GPU_CHECK_OPS:-latent_transform mc_loss denoise_step}
+for op in $ops; do
   stage "ops.py $op" 120 "$py" benchmarks/ops.py --device cuda --ops "$op" --out "$out/ops-${gpu}-${op}.md"
 done
 
 # how much of each op's fwd+bwd call is its kernels and how much the host
-stage "ops_profile.py" 60 "$py" benchmarks/ops_profile.py --ops "$(echo ${GPU_CHECK_OPS:-latent_transform mc_loss denoise_step} | tr ' ' ',')" \
+stage "ops_profile.py" 60 "$py" benchmarks/ops_profile.py --ops "$(echo $ops | tr ' ' ',')" \
   --out "$out/ops-profile-${gpu}.md"
 
 # memcheck: without the caching allocator every tensor is its own allocation, so a read

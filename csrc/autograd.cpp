@@ -68,7 +68,6 @@ struct McLoss : public torch::autograd::Function<McLoss> {
     ctx->mark_non_differentiable({errors});
     ctx->saved_data["bound"] = std::string(bound);
     ctx->saved_data["temperature"] = temperature;
-    ctx->saved_data["has_log_weights"] = log_weights.has_value() && log_weights->defined();
     return {loss, errors};
   }
 
@@ -77,7 +76,7 @@ struct McLoss : public torch::autograd::Function<McLoss> {
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
         c10::string_view, double, bool, const std::optional<at::Tensor>&, bool)>("softmix::mc_loss_backward");
     const auto saved = ctx->get_saved_variables();
-    const bool has_log_weights = ctx->saved_data["has_log_weights"].toBool();
+    const bool has_log_weights = saved[4].defined();  // saved undefined without log_weights
     // edges: pred 0, target 1, weight 2, and log_weights 3 when given
     const bool need_target = ctx->needs_input_grad(1);
     const bool need_log_weights = has_log_weights && ctx->needs_input_grad(3);

@@ -120,16 +120,18 @@ std::tuple<at::Tensor, at::Tensor> denoise_step(const at::Tensor& x_t_in, const 
     const scalar_t *x_t_ptr = x_t.const_data_ptr<scalar_t>(), *model_ptr = model_output.const_data_ptr<scalar_t>(),
                    *noise_ptr = noise.defined() ? noise.const_data_ptr<scalar_t>() : nullptr;
     scalar_t *x_prev_ptr = x_prev.mutable_data_ptr<scalar_t>(), *x0_ptr = x0.mutable_data_ptr<scalar_t>();
-    const bool fits = fits_packs<kPackWidth<scalar_t>>(n.K, x_t_ptr, model_ptr, noise_ptr, x_prev_ptr, x0_ptr);
-    with_pack_width<scalar_t>(fits, [&](auto width) {
-      constexpr int kWidth = decltype(width)::value;
-      denoise_step_kernel<scalar_t, acc_t, kWidth>
-          <<<step_grid(n.B, n.K, kWidth), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-              x_t_ptr, model_ptr, noise_ptr, seed.has_value(), static_cast<uint64_t>(seed.value_or(0)),
-              a_t.const_data_ptr<acc_t>(), a_prev.const_data_ptr<acc_t>(), n.B, n.K, static_cast<acc_t>(eta), type,
-              clip_sample.has_value(), static_cast<acc_t>(clip_sample.value_or(0)), x_prev_ptr, x0_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    with_packs<kPackWidth<scalar_t>>(
+        n.K,
+        [&](auto width) {
+          constexpr int kWidth = decltype(width)::value;
+          denoise_step_kernel<scalar_t, acc_t, kWidth>
+              <<<step_grid(n.B, n.K, kWidth), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+                  x_t_ptr, model_ptr, noise_ptr, seed.has_value(), static_cast<uint64_t>(seed.value_or(0)),
+                  a_t.const_data_ptr<acc_t>(), a_prev.const_data_ptr<acc_t>(), n.B, n.K, static_cast<acc_t>(eta),
+                  type, clip_sample.has_value(), static_cast<acc_t>(clip_sample.value_or(0)), x_prev_ptr, x0_ptr);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        },
+        x_t_ptr, model_ptr, noise_ptr, x_prev_ptr, x0_ptr);
   });
   return {x_prev, x0};
 }
@@ -160,17 +162,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_step_backward(
     scalar_t *grad_x_ptr = grad_x.mutable_data_ptr<scalar_t>(),
              *grad_model_ptr = grad_model.mutable_data_ptr<scalar_t>(),
              *grad_noise_ptr = need_grad_noise ? grad_noise.mutable_data_ptr<scalar_t>() : nullptr;
-    const bool fits = fits_packs<kPackWidth<scalar_t>>(n.K, grad_x_prev_ptr, grad_x0_ptr, x_t_ptr, model_ptr,
-                                                       grad_x_ptr, grad_model_ptr, grad_noise_ptr);
-    with_pack_width<scalar_t>(fits, [&](auto width) {
-      constexpr int kWidth = decltype(width)::value;
-      denoise_step_backward_kernel<scalar_t, acc_t, kWidth>
-          <<<step_grid(n.B, n.K, kWidth), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-              grad_x_prev_ptr, grad_x0_ptr, x_t_ptr, model_ptr, a_t.const_data_ptr<acc_t>(),
-              a_prev.const_data_ptr<acc_t>(), n.B, n.K, static_cast<acc_t>(eta), type, clip_sample.has_value(),
-              static_cast<acc_t>(clip_sample.value_or(0)), grad_x_ptr, grad_model_ptr, grad_noise_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    with_packs<kPackWidth<scalar_t>>(
+        n.K,
+        [&](auto width) {
+          constexpr int kWidth = decltype(width)::value;
+          denoise_step_backward_kernel<scalar_t, acc_t, kWidth>
+              <<<step_grid(n.B, n.K, kWidth), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+                  grad_x_prev_ptr, grad_x0_ptr, x_t_ptr, model_ptr, a_t.const_data_ptr<acc_t>(),
+                  a_prev.const_data_ptr<acc_t>(), n.B, n.K, static_cast<acc_t>(eta), type, clip_sample.has_value(),
+                  static_cast<acc_t>(clip_sample.value_or(0)), grad_x_ptr, grad_model_ptr, grad_noise_ptr);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        },
+        grad_x_prev_ptr, grad_x0_ptr, x_t_ptr, model_ptr, grad_x_ptr, grad_model_ptr, grad_noise_ptr);
   });
   return {grad_x, grad_model, grad_noise};
 }

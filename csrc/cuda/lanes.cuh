@@ -56,24 +56,24 @@ __device__ __forceinline__ void store_pack(T* to, const Pack<T, kWidth>& pack) {
 template <typename T>
 constexpr int kPackWidth = 16 / sizeof(T);
 
-// Whether rows of `row_length` values at each pointer (null: absent) split into whole packs
-// of kWidth at 16-byte-aligned addresses; otherwise a kernel streams single values.
-template <int kWidth, typename... Pointers>
-bool fits_packs(int64_t row_length, const Pointers*... pointers) {
+// Runs body(std::integral_constant<int, width>{}) with width = kWidth when rows of
+// `row_length` values at each pointer (null: absent) split into whole packs of kWidth at
+// 16-byte-aligned addresses; otherwise with width 1, single values.
+template <int kWidth, typename Body, typename... Pointers>
+void with_packs(int64_t row_length, Body&& body, const Pointers*... pointers) {
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  return row_length % kWidth == 0 && (aligned(pointers) && ...);
-}
-
-// Runs body(std::integral_constant<int, width>{}) with the widest pack width that `fits`,
-// else width 1.
-template <typename T, typename Body>
-void with_pack_width(bool fits, Body&& body) {
-  if (fits) {
-    body(std::integral_constant<int, kPackWidth<T>>{});
+  if (row_length % kWidth == 0 && (aligned(pointers) && ...)) {
+    body(std::integral_constant<int, kWidth>{});
   } else {
     body(std::integral_constant<int, 1>{});
   }
 }
+
+// Kernels that give each warp one work item at a time stride the items over the grid's warps.
+__device__ __forceinline__ int64_t first_warp() {
+  return static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
+}
+__device__ __forceinline__ int64_t warp_count() { return static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarpSize); }
 
 inline int64_t multiprocessor_count() {
   int count = 0;

@@ -57,9 +57,7 @@ __global__ void latent_transform_kernel(const scalar_t* __restrict__ r, const sc
                                         scalar_t* __restrict__ out) {
   acc_t* y = warp_scratch<acc_t>(global_scratch, D);
   const WarpLanes lanes{static_cast<int>(threadIdx.x % kWarpSize)};
-  const int64_t warps_per_block = blockDim.x / kWarpSize;
-  for (int64_t row = blockIdx.x * warps_per_block + threadIdx.x / kWarpSize; row < N;
-       row += gridDim.x * warps_per_block) {
+  for (int64_t row = first_warp(); row < N; row += warp_count()) {
     math::latent_transform_row(r + row * D, v + row * D, N * D, s + row * s_row_stride, s_layer_stride, L, D, y,
                                out + row * D, lanes);
   }
@@ -73,9 +71,7 @@ __global__ void latent_transform_backward_kernel(const scalar_t* __restrict__ gr
                                                  scalar_t* __restrict__ grad_v, acc_t* __restrict__ grad_s) {
   acc_t* scratch = warp_scratch<acc_t>(global_scratch, (L + 1) * D);
   const WarpLanes lanes{static_cast<int>(threadIdx.x % kWarpSize)};
-  const int64_t warps_per_block = blockDim.x / kWarpSize;
-  for (int64_t row = blockIdx.x * warps_per_block + threadIdx.x / kWarpSize; row < N;
-       row += gridDim.x * warps_per_block) {
+  for (int64_t row = first_warp(); row < N; row += warp_count()) {
     const int64_t offset = row * D;
     math::latent_transform_backward_row(grad_y + offset, r + offset, v + offset, N * D, s + row * s_row_stride,
                                         s_layer_stride, L, D, scratch, grad_r + offset, grad_v + offset,
@@ -162,9 +158,7 @@ __global__ void latent_transform_registers_kernel(const scalar_t* __restrict__ r
                                                   int64_t s_row_stride, int64_t N, int64_t L, int64_t D,
                                                   scalar_t* __restrict__ out) {
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t warps_per_block = blockDim.x / kWarpSize;
-  for (int64_t row = blockIdx.x * warps_per_block + threadIdx.x / kWarpSize; row < N;
-       row += gridDim.x * warps_per_block) {
+  for (int64_t row = first_warp(); row < N; row += warp_count()) {
     RowLoads<acc_t, kValues, kLayers> loads;
     load_row<scalar_t, acc_t, kWidth>(loads, static_cast<const scalar_t*>(nullptr), r, v, row, N, L, D, lane);
     RowSlice<acc_t, kValues>& y = loads.r;
@@ -190,8 +184,8 @@ __global__ void latent_transform_registers_backward_kernel(
     scalar_t* __restrict__ grad_r, scalar_t* __restrict__ grad_v, acc_t* __restrict__ grad_s) {
   constexpr bool kPrefetch = kValues * (2 + kLayers) * sizeof(acc_t) <= 128;
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t warps_per_block = blockDim.x / kWarpSize, stride = gridDim.x * warps_per_block;
-  int64_t row = blockIdx.x * warps_per_block + threadIdx.x / kWarpSize;
+  const int64_t stride = warp_count();
+  int64_t row = first_warp();
   if (row >= N) return;
   RowLoads<acc_t, kValues, kLayers> loads, next_loads;
   load_row<scalar_t, acc_t, kWidth>(loads, grad_y, r, v, row, N, L, D, lane);
@@ -249,11 +243,7 @@ bool with_register_rows(int64_t L, int64_t D, Body&& body, const Pointers*... po
   const auto run = [&](auto values, auto layers) {
     constexpr int kValues = decltype(values)::value;
     constexpr int kWide = kPackWidth<scalar_t> < kValues ? kPackWidth<scalar_t> : kValues;
-    if (fits_packs<kWide>(D, pointers...)) {
-      body(std::integral_constant<int, kWide>{}, values, layers);
-    } else {
-      body(std::integral_constant<int, 1>{}, values, layers);
-    }
+    with_packs<kWide>(D, [&](auto width) { body(width, values, layers); }, pointers...);
   };
   const auto with_layers = [&](auto values) {
     if (L <= 2) {

@@ -43,12 +43,6 @@ __device__ __forceinline__ Chunk chunk_of(int64_t item, int64_t chunks, int64_t 
   return {b, c, begin, begin + kChunkValues < K ? begin + kChunkValues : K};
 }
 
-// The grid of warps: work items strided over it.
-__device__ __forceinline__ int64_t first_warp() {
-  return static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
-}
-__device__ __forceinline__ int64_t warp_count() { return static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarpSize); }
-
 // partials[(b * M + m) * chunks + c] = sum over chunk c of (pred[m, b, k] - target[b, k])^2.
 template <typename scalar_t, typename acc_t, int kWidth>
 __global__ void squared_error_partials_kernel(const scalar_t* __restrict__ pred, const scalar_t* __restrict__ target,
@@ -182,12 +176,15 @@ std::tuple<at::Tensor, at::Tensor> mc_loss_with_errors(const at::Tensor& pred_in
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "mc_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *pred_ptr = pred.const_data_ptr<scalar_t>(), *target_ptr = target.const_data_ptr<scalar_t>();
-    with_pack_width<scalar_t>(fits_packs<kPackWidth<scalar_t>>(n.K, pred_ptr, target_ptr), [&](auto width) {
-      squared_error_partials_kernel<scalar_t, acc_t, decltype(width)::value>
-          <<<blocks_for(n.B * chunks, kWarpsPerBlock), kThreadsPerBlock, 0, stream>>>(
-              pred_ptr, target_ptr, n.M, n.B, n.K, chunks, partials.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    with_packs<kPackWidth<scalar_t>>(
+        n.K,
+        [&](auto width) {
+          squared_error_partials_kernel<scalar_t, acc_t, decltype(width)::value>
+              <<<blocks_for(n.B * chunks, kWarpsPerBlock), kThreadsPerBlock, 0, stream>>>(
+                  pred_ptr, target_ptr, n.M, n.B, n.K, chunks, partials.mutable_data_ptr<acc_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        },
+        pred_ptr, target_ptr);
     mc_loss_from_partials_kernel<acc_t><<<blocks_for(n.B, kWarpsPerBlock), kThreadsPerBlock, 0, stream>>>(
         partials.const_data_ptr<acc_t>(), chunks, weight.const_data_ptr<acc_t>(),
         log_weights.defined() ? log_weights.const_data_ptr<acc_t>() : nullptr, n.M, n.B, n.K, bound,
@@ -231,14 +228,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mc_loss_backward(
       const scalar_t *pred_ptr = pred.const_data_ptr<scalar_t>(), *target_ptr = target.const_data_ptr<scalar_t>();
       scalar_t *grad_pred_ptr = grad_pred.mutable_data_ptr<scalar_t>(),
                *grad_target_ptr = need_grad_target ? grad_target.mutable_data_ptr<scalar_t>() : nullptr;
-      const bool fits = fits_packs<kPackWidth<scalar_t>>(n.K, pred_ptr, target_ptr, grad_pred_ptr, grad_target_ptr);
-      with_pack_width<scalar_t>(fits, [&](auto width) {
-        squared_error_backward_kernel<scalar_t, acc_t, decltype(width)::value>
-            <<<blocks_for(n.B * chunks, kWarpsPerBlock), kThreadsPerBlock, 0, stream>>>(
-                pred_ptr, target_ptr, coef.const_data_ptr<acc_t>(), n.M, n.B, n.K, chunks, grad_pred_ptr,
-                grad_target_ptr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+      with_packs<kPackWidth<scalar_t>>(
+          n.K,
+          [&](auto width) {
+            squared_error_backward_kernel<scalar_t, acc_t, decltype(width)::value>
+                <<<blocks_for(n.B * chunks, kWarpsPerBlock), kThreadsPerBlock, 0, stream>>>(
+                    pred_ptr, target_ptr, coef.const_data_ptr<acc_t>(), n.M, n.B, n.K, chunks, grad_pred_ptr,
+                    grad_target_ptr);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          },
+          pred_ptr, target_ptr, grad_pred_ptr, grad_target_ptr);
     });
   }
   return {grad_pred, grad_target, grad_weight.to(weight_in.scalar_type()), grad_log_weights};
