@@ -15,6 +15,7 @@ A call whose wall time is close to its kernels' is bound by the GPU; one whose w
 close to the host's is bound by the host.
 
     python benchmarks/ops_profile.py --out ops-profile.md
+    python benchmarks/ops_profile.py --host-only     # any machine: the host column alone, on CPU
 """
 
 from __future__ import annotations
@@ -59,16 +60,21 @@ def inputs(op: str, device, batch: int, channels: int, size: int, dim: int, laye
     raise ValueError(f"unknown op {op!r}")
 
 
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def wall_ms(fn, device, calls: int) -> float:
     for _ in range(3):
         fn()
     best = float("inf")
     for _ in range(5):
-        torch.cuda.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(calls):
             fn()
-        torch.cuda.synchronize(device)
+        synchronize(device)
         best = min(best, (time.perf_counter() - start) / calls * 1e3)
     return best
 
@@ -93,9 +99,22 @@ def main() -> None:
     p.add_argument("--ops", default="latent_transform,mc_loss,denoise_step")
     p.add_argument("--calls", type=int, default=50)
     p.add_argument("--out", default=None, help="also write the tables to this markdown file")
+    p.add_argument("--host-only", action="store_true",
+                   help="only the host's time per call (tiny inputs, one torch thread), on the CPU")
     args = p.parse_args()
+    if args.host_only:
+        torch.set_num_threads(1)
+        cpu = torch.device("cpu")
+        rows = [f"| {op} | {wall_ms(inputs(op, cpu, 2, 1, 2, 4, 2, 4), cpu, args.calls) * 1e3:.1f} |"
+                for op in args.ops.split(",")]
+        text = "\n".join(["| op | host, tiny inputs on CPU (us/call) |", "|---|---:|", *rows]) + "\n"
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+        return
     if not torch.cuda.is_available():
-        raise SystemExit("ops_profile.py needs a CUDA device")
+        raise SystemExit("ops_profile.py needs a CUDA device (or --host-only)")
     device = torch.device("cuda")
     lines = [f"# Fused ops, forward+backward: kernels against host ({torch.cuda.get_device_name(device)})", "",
              "| op | wall (ms/call) | kernels (ms/call) | host, tiny inputs (ms/call) |", "|---|---:|---:|---:|"]
