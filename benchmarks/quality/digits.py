@@ -7,6 +7,11 @@ Metrics on the features of a small classifier (an MLP 64-128-64-10 trained on al
 retrained deterministically from seed 0 on every run, a few seconds): ``fd`` Fréchet distance
 between generated and real features; ``prec`` / ``rec`` k-NN precision and recall (k = 3);
 ``cls_kl`` KL of the data's class histogram from the generated samples' predicted classes.
+
+``--eval-at 1500,6000,24000`` measures the EMA model at those training steps of one run (the
+last must be ``--iters``): a learning curve per variant, printed, in the table (column
+``iters``) and plotted (``<tag>-curve.png``). Sampling draws from its own generator, so the
+training run, and the metrics at each step, are those of a run stopped there.
 """
 
 from __future__ import annotations
@@ -84,7 +89,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default="quality-digits")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--eval-at", default="", help="comma-separated training steps to measure at (default: --iters)")
     args = p.parse_args(argv)
+    eval_at = [int(s) for s in args.eval_at.split(",")] if args.eval_at else [args.iters]
+    if eval_at != sorted(set(eval_at)) or eval_at[0] < 1 or eval_at[-1] != args.iters:
+        p.error(f"--eval-at must be increasing steps from 1 that end at --iters ({args.iters}); got {args.eval_at}")
     torch.set_num_threads(args.threads)
     from sklearn.datasets import load_digits
 
@@ -107,18 +116,31 @@ def main(argv=None) -> int:
                 model = build_model(v, (1, 8, 8))
                 v.bs = min(v.bs, 128)
                 draw = lambda n, g: data[torch.randint(0, len(data), (n,), generator=g)]  # noqa: E731
-                ema, sec = train(model, v, schedule, draw, args.iters, seed)
-                x = draw_samples(ema, v, schedule, (args.num, 1, 8, 8), seed, draw)
-                m = image_metrics(x, data, labels, clf)
-                m.update(params=num_params(model), ms_per_iter=1000 * sec)
-                results.setdefault(f"{name}@{steps}", []).append(m)
+                measured, measuring = {}, [0.0]  # measuring: seconds spent in measure, not training
+
+                def measure(step, ema, *_):
+                    if step not in eval_at:
+                        return
+                    start = time.perf_counter()
+                    x = draw_samples(ema, v, schedule, (args.num, 1, 8, 8), seed, draw)
+                    measured[step] = (x, image_metrics(x, data, labels, clf))
+                    m = measured[step][1]
+                    print(f"[{time.time() - t0:6.0f}s] T={steps:<4d} {name:<30s} seed={seed} iters={step} "
+                          f"fd={m['fd']:.2f} prec={m['precision']:.3f} rec={m['recall']:.3f} "
+                          f"cls_kl={m['class_kl']:.3f}", flush=True)
+                    measuring[0] += time.perf_counter() - start
+
+                _, sec = train(model, v, schedule, draw, args.iters, seed, on_step=measure)
+                sec -= measuring[0] / args.iters
+                for step, (x, m) in measured.items():
+                    m.update(params=num_params(model), ms_per_iter=1000 * sec)
+                    results.setdefault(f"{name}@{steps}@{step}", []).append(m)
                 if seed == seeds[0]:
-                    samples[f"{name}@{steps}"] = x
-                print(f"[{time.time() - t0:6.0f}s] T={steps:<4d} {name:<30s} seed={seed} fd={m['fd']:.2f} "
-                      f"prec={m['precision']:.3f} rec={m['recall']:.3f} cls_kl={m['class_kl']:.3f}", flush=True)
-    header = ["T", "variant"] + [c[0] for c in COLUMNS]
-    rows = [[str(s), f"`{n}`"] + [fmt([r[k] for r in results[f"{n}@{s}"]], d, sc) for _, k, d, sc in COLUMNS]
-            for s in steps_list for n in names]
+                    samples[f"{name}@{steps}"] = measured[args.iters][0]
+    header = ["T", "variant"] + (["iters"] if len(eval_at) > 1 else []) + [c[0] for c in COLUMNS]
+    rows = [[str(s), f"`{n}`"] + ([str(i)] if len(eval_at) > 1 else [])
+            + [fmt([r[k] for r in results[f"{n}@{s}@{i}"]], d, sc) for _, k, d, sc in COLUMNS]
+            for s in steps_list for n in names for i in eval_at]
     md = markdown_table(header, rows)
     print(md)
     out = Path(args.out)
@@ -137,6 +159,20 @@ def main(argv=None) -> int:
     fig.tight_layout()
     fig.savefig(out / f"{args.tag}.png", dpi=60)
     plt.close(fig)
+    if len(eval_at) > 1:
+        fig, axes = plt.subplots(1, len(steps_list), figsize=(4.5 * len(steps_list), 3.4), squeeze=False)
+        for ax, s in zip(axes[0], steps_list):
+            for n in names:
+                fds = [[r["fd"] for r in results[f"{n}@{s}@{i}"]] for i in eval_at]
+                ax.plot(eval_at, [sum(f) / len(f) for f in fds], marker="o", label=n.split(",")[0])
+                for i, f in zip(eval_at, fds):
+                    ax.scatter([i] * len(f), f, s=8, color=ax.lines[-1].get_color(), alpha=0.5)
+            ax.set(xscale="log", yscale="log", xlabel="training steps", ylabel="FD (classifier features)",
+                   title=f"T = {s}")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"{args.tag}-curve.png", dpi=80)
+        plt.close(fig)
     return 0
 
 

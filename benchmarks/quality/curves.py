@@ -1,0 +1,108 @@
+"""Learning curves of ``digits.py --eval-at`` runs, merged: FD against training steps for each
+variant, over all the given runs (one run per seed or per variant is how two cores are kept
+busy), and each variant's FD over a reference variant's, seed by seed.
+
+    python benchmarks/quality/curves.py benchmarks/results/quality-digits-curve-*-T10-s*.json \
+        --reference plain --tag quality-digits-curve-T10
+
+Prints a table (mean ± std over seeds, the per-seed values, and the mean per-seed ratio to the
+reference) and writes ``<out>/<tag>.md`` and ``<out>/<tag>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import fmt, markdown_table  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def load_curves(paths: list[str]) -> tuple[dict, list[str]]:
+    """``{(variant, T): {iters: {seed: fd}}}`` from digits.py JSON files, and their commands."""
+    curves: dict = defaultdict(lambda: defaultdict(dict))
+    commands = []
+    for path in paths:
+        run = json.loads(Path(path).read_text())
+        commands.append(run["command"])
+        seeds = [int(s) for s in run["command"].split("--seeds ")[1].split()[0].split(",")]
+        for key, per_seed in run["results"].items():
+            parts = key.split("@")
+            if len(parts) != 3:
+                raise ValueError(f"{path}: {key!r} is not from a run with --eval-at (expected variant@T@iters)")
+            name, steps, iters = parts[0], int(parts[1]), int(parts[2])
+            for seed, m in zip(seeds, per_seed):
+                if seed in curves[(name, steps)][iters]:
+                    raise ValueError(f"{path}: {name} T={steps} seed {seed} at {iters} steps is in two files")
+                curves[(name, steps)][iters][seed] = m["fd"]
+    return curves, commands
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("json", nargs="+", help="digits.py result files (runs with --eval-at)")
+    p.add_argument("--reference", default="plain", help="the variant the others are divided by (its name's start)")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--tag", default="quality-digits-curve")
+    p.add_argument("--hline", action="append", default=[], metavar="LABEL=FD",
+                   help="a dashed reference line in the plot (e.g. an oracle's FD); repeatable")
+    args = p.parse_args(argv)
+    hlines = []
+    for text in args.hline:
+        label, _, value = text.rpartition("=")
+        try:
+            hlines.append((label, float(value)))
+        except ValueError:
+            p.error(f"--hline takes LABEL=FD, got {text!r}")
+    curves, commands = load_curves(args.json)
+    references = {steps: name for name, steps in curves if name.startswith(args.reference)}
+    rows = []
+    for (name, steps), by_iters in sorted(curves.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        ref = curves.get((references.get(steps), steps), {})
+        for iters, by_seed in sorted(by_iters.items()):
+            seeds = sorted(by_seed)
+            ratios = [by_seed[s] / ref[iters][s] for s in seeds if s in ref.get(iters, {})]
+            rows.append([str(steps), f"`{name}`", str(iters), fmt([by_seed[s] for s in seeds], 2),
+                         ", ".join(f"{by_seed[s]:.2f}" for s in seeds),
+                         fmt(ratios, 2) if ratios and references.get(steps) != name else ""])
+    md = markdown_table(["T", "variant", "iters", "FD", "per seed", f"FD / {args.reference}'s, per seed"], rows)
+    print(md)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.tag}.md").write_text("Merged by `benchmarks/quality/curves.py` from:\n\n"
+                                        + "".join(f"    {c}\n" for c in commands) + "\n" + md)
+    from softmix.plots import _pyplot
+
+    plt = _pyplot()
+    all_steps = sorted({steps for _, steps in curves})
+    fig, axes = plt.subplots(1, len(all_steps), figsize=(4.8 * len(all_steps), 3.6), squeeze=False)
+    for ax, steps in zip(axes[0], all_steps):
+        for (name, s), by_iters in sorted(curves.items()):
+            if s != steps:
+                continue
+            iters = sorted(by_iters)
+            means = [sum(by_iters[i].values()) / len(by_iters[i]) for i in iters]
+            line, = ax.plot(iters, means, marker="o", label=name.split(",")[0] + ("" if "cat=" not in name else
+                                                                                   ", categorical"))
+            for i in iters:
+                ax.scatter([i] * len(by_iters[i]), list(by_iters[i].values()), s=10, color=line.get_color(), alpha=0.5)
+        ax.set(xscale="log", yscale="log", xlabel="training steps", ylabel="FD (classifier features)",
+               title=f"digits, T = {steps}")
+        for label, value in hlines:  # after the scales are set, so the label sits at the left edge
+            ax.axhline(value, linestyle="--", linewidth=0.8, color="grey")
+            ax.annotate(label, (ax.get_xlim()[0], value), fontsize=7, va="bottom", color="grey")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / f"{args.tag}.png", dpi=80)
+    plt.close(fig)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
