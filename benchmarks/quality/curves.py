@@ -24,6 +24,22 @@ from common import fmt, markdown_table  # noqa: E402
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
+def curves_from_results(results: dict, seeds: list[int], curves: dict | None = None, source: str = "") -> dict:
+    """Add digits.py's ``results`` (``{"variant@T@iters": [metrics per seed]}``, seeds in the
+    order of ``seeds``) to ``curves``, ``{(variant, T): {iters: {seed: fd}}}``, and return it."""
+    curves = curves if curves is not None else defaultdict(lambda: defaultdict(dict))
+    for key, per_seed in results.items():
+        parts = key.split("@")
+        if len(parts) != 3:
+            raise ValueError(f"{source}: {key!r} is not from a run with --eval-at (expected variant@T@iters)")
+        name, steps, iters = parts[0], int(parts[1]), int(parts[2])
+        for seed, m in zip(seeds, per_seed):
+            if seed in curves[(name, steps)][iters]:
+                raise ValueError(f"{source}: {name} T={steps} seed {seed} at {iters} steps is in two files")
+            curves[(name, steps)][iters][seed] = m["fd"]
+    return curves
+
+
 def load_curves(paths: list[str]) -> tuple[dict, list[str]]:
     """``{(variant, T): {iters: {seed: fd}}}`` from digits.py JSON files, and their commands."""
     curves: dict = defaultdict(lambda: defaultdict(dict))
@@ -32,16 +48,40 @@ def load_curves(paths: list[str]) -> tuple[dict, list[str]]:
         run = json.loads(Path(path).read_text())
         commands.append(run["command"])
         seeds = [int(s) for s in run["command"].split("--seeds ")[1].split()[0].split(",")]
-        for key, per_seed in run["results"].items():
-            parts = key.split("@")
-            if len(parts) != 3:
-                raise ValueError(f"{path}: {key!r} is not from a run with --eval-at (expected variant@T@iters)")
-            name, steps, iters = parts[0], int(parts[1]), int(parts[2])
-            for seed, m in zip(seeds, per_seed):
-                if seed in curves[(name, steps)][iters]:
-                    raise ValueError(f"{path}: {name} T={steps} seed {seed} at {iters} steps is in two files")
-                curves[(name, steps)][iters][seed] = m["fd"]
+        curves_from_results(run["results"], seeds, curves, source=path)
     return curves, commands
+
+
+def plot_curves(curves: dict, path: Path, hlines: list[tuple[str, float]] = ()) -> None:
+    """FD against training steps, one panel per T, one line (the mean over seeds, each seed a
+    dot) per variant; ``hlines``: ``(label, FD)`` reference lines, dashed."""
+    from softmix.plots import _pyplot
+
+    plt = _pyplot()
+    all_steps = sorted({steps for _, steps in curves})
+    fig, axes = plt.subplots(1, len(all_steps), figsize=(4.8 * len(all_steps), 3.6), squeeze=False)
+    for ax, steps in zip(axes[0], all_steps):
+        for (name, s), by_iters in sorted(curves.items()):
+            if s != steps:
+                continue
+            iters = sorted(by_iters)
+            means = [sum(by_iters[i].values()) / len(by_iters[i]) for i in iters]
+            line, = ax.plot(iters, means, marker="o", label=name.split(",")[0] + ("" if "cat=" not in name else
+                                                                                   ", categorical"))
+            for i in iters:
+                ax.scatter([i] * len(by_iters[i]), list(by_iters[i].values()), s=10, color=line.get_color(), alpha=0.5)
+        ax.set(xscale="log", yscale="log", xlabel="training steps", ylabel="FD (classifier features)",
+               title=f"digits, T = {steps}")
+        ticks = sorted({i for (_, s), by_iters in curves.items() if s == steps for i in by_iters})
+        ax.set_xticks(ticks, [f"{i / 1000:g}k" if i >= 1000 else str(i) for i in ticks])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
+        for label, value in hlines:  # after the scales are set, so the label sits at the left edge
+            ax.axhline(value, linestyle="--", linewidth=0.8, color="grey")
+            ax.annotate(label, (ax.get_xlim()[0], value), fontsize=7, va="bottom", color="grey")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -77,30 +117,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.tag}.md").write_text("Merged by `benchmarks/quality/curves.py` from:\n\n"
                                         + "".join(f"    {c}\n" for c in commands) + "\n" + md)
-    from softmix.plots import _pyplot
-
-    plt = _pyplot()
-    all_steps = sorted({steps for _, steps in curves})
-    fig, axes = plt.subplots(1, len(all_steps), figsize=(4.8 * len(all_steps), 3.6), squeeze=False)
-    for ax, steps in zip(axes[0], all_steps):
-        for (name, s), by_iters in sorted(curves.items()):
-            if s != steps:
-                continue
-            iters = sorted(by_iters)
-            means = [sum(by_iters[i].values()) / len(by_iters[i]) for i in iters]
-            line, = ax.plot(iters, means, marker="o", label=name.split(",")[0] + ("" if "cat=" not in name else
-                                                                                   ", categorical"))
-            for i in iters:
-                ax.scatter([i] * len(by_iters[i]), list(by_iters[i].values()), s=10, color=line.get_color(), alpha=0.5)
-        ax.set(xscale="log", yscale="log", xlabel="training steps", ylabel="FD (classifier features)",
-               title=f"digits, T = {steps}")
-        for label, value in hlines:  # after the scales are set, so the label sits at the left edge
-            ax.axhline(value, linestyle="--", linewidth=0.8, color="grey")
-            ax.annotate(label, (ax.get_xlim()[0], value), fontsize=7, va="bottom", color="grey")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / f"{args.tag}.png", dpi=80)
-    plt.close(fig)
+    plot_curves(curves, out / f"{args.tag}.png", hlines)
     return 0
 
 

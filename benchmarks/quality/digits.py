@@ -28,6 +28,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Variant, build_model, draw_samples, fmt, markdown_table, num_params, train  # noqa: E402
+from curves import curves_from_results, plot_curves  # noqa: E402
 
 from softmix import NoiseSchedule  # noqa: E402
 from softmix.data import digits  # noqa: E402
@@ -160,19 +161,7 @@ def main(argv=None) -> int:
     fig.savefig(out / f"{args.tag}.png", dpi=60)
     plt.close(fig)
     if len(eval_at) > 1:
-        fig, axes = plt.subplots(1, len(steps_list), figsize=(4.5 * len(steps_list), 3.4), squeeze=False)
-        for ax, s in zip(axes[0], steps_list):
-            for n in names:
-                fds = [[r["fd"] for r in results[f"{n}@{s}@{i}"]] for i in eval_at]
-                ax.plot(eval_at, [sum(f) / len(f) for f in fds], marker="o", label=n.split(",")[0])
-                for i, f in zip(eval_at, fds):
-                    ax.scatter([i] * len(f), f, s=8, color=ax.lines[-1].get_color(), alpha=0.5)
-            ax.set(xscale="log", yscale="log", xlabel="training steps", ylabel="FD (classifier features)",
-                   title=f"T = {s}")
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / f"{args.tag}-curve.png", dpi=80)
-        plt.close(fig)
+        plot_curves(curves_from_results(results, seeds), out / f"{args.tag}-curve.png")
     return 0
 
 
