@@ -40,6 +40,14 @@ def curves_from_results(results: dict, seeds: list[int], curves: dict | None = N
     return curves
 
 
+def _seeds_from_command(command: str, path: str) -> list[int]:
+    """The ``--seeds`` of a result file written before digits.py stored them."""
+    words = command.split()
+    if "--seeds" not in words:
+        raise ValueError(f"{path}: no 'seeds' entry and no --seeds in its command {command!r}")
+    return [int(s) for s in words[words.index("--seeds") + 1].split(",")]
+
+
 def load_curves(paths: list[str]) -> tuple[dict, list[str]]:
     """``{(variant, T): {iters: {seed: fd}}}`` from digits.py JSON files, and their commands."""
     curves: dict = defaultdict(lambda: defaultdict(dict))
@@ -47,7 +55,7 @@ def load_curves(paths: list[str]) -> tuple[dict, list[str]]:
     for path in paths:
         run = json.loads(Path(path).read_text())
         commands.append(run["command"])
-        seeds = [int(s) for s in run["command"].split("--seeds ")[1].split()[0].split(",")]
+        seeds = run.get("seeds") or _seeds_from_command(run["command"], path)
         curves_from_results(run["results"], seeds, curves, source=path)
     return curves, commands
 

@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     cmd = "python benchmarks/quality/digits.py " + " ".join(argv if argv is not None else sys.argv[1:])
     (out / f"{args.tag}.md").write_text(f"<!-- {cmd} -->\n\nSeeds {seeds}, {args.iters} training iterations "
                                         f"(batch 128), {args.num} samples; classifier accuracy {acc:.3f}.\n\n{md}")
-    (out / f"{args.tag}.json").write_text(json.dumps({"command": cmd, "results": results}, indent=1) + "\n")
+    (out / f"{args.tag}.json").write_text(json.dumps({"command": cmd, "seeds": seeds, "results": results}, indent=1) + "\n")
     from softmix.plots import _draw, _pyplot
 
     plt = _pyplot()
