@@ -103,6 +103,21 @@ def test_compare_on_digits(tmp_path):
     assert "mmd" in json.loads((out / "metrics.json").read_text())["metrics"]["SMD"]["3"]
 
 
+def test_threads_sets_torch_threads(tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert main(["train", "--data", "gmm", "--plain", "--threads", "1", "--out", str(tmp_path / "run"), *TINY]) == 0
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(3)
+        assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--num", "8", "--steps", "2", "--threads", "2",
+                     "--out", str(tmp_path / "s.pt"), "--no-progress"]) == 0
+        assert torch.get_num_threads() == 2
+        _fails(["compare", "--threads", "0", "--out", str(tmp_path / "c")], capsys, "expected a positive integer")
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_bad_arguments_give_clear_messages(tmp_path, capsys):
     out = str(tmp_path / "o")
     _fails(["train", "--data", "cifar", "--out", out], capsys, "unknown data 'cifar'")

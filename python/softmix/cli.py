@@ -139,6 +139,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-skips", type=_nonnegative_int, default=10,
                    help="with --skip-nonfinite, stop after more than this many non-finite steps in a row")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_threads_arg(p)
+
+
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for torch (default: torch's own choice, all cores); use 1 for each of "
+                        "several runs that share a machine, whose threads would otherwise fight for the cores")
 
 
 def _add_sample_args(p: argparse.ArgumentParser, many: bool = False) -> None:
@@ -185,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file: .png (plot), .pt or .npy (tensor)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
+    _add_threads_arg(p)
 
     p = sub.add_parser("compare", help="train SMD and the plain model with the same budget; write a PNG and metrics")
     _add_train_args(p)
@@ -479,6 +487,10 @@ def _markdown_table(results: dict, steps_list) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     commands = {"train": cmd_train, "sample": cmd_sample, "compare": cmd_compare}
     return commands[args.command](parser, args)
 
