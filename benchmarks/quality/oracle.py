@@ -45,6 +45,15 @@ from softmix.metrics import mixture_metrics  # noqa: E402
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
+def log_posterior_weights(x_t: torch.Tensor, points: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """``log q(x0 = x_i | x_t)`` for data ``points (N, F)``, ``x_t (b, F)`` and its ``alpha_bar (b,)``: (b, N)."""
+    a = alpha_bar.unsqueeze(1)
+    # -|x_t - sqrt(a) x_i|^2 / (2 (1 - a)), expanded so that no (b, N, F) tensor is formed
+    log_w = -0.5 * (x_t.square().sum(1, keepdim=True) - 2 * a.sqrt() * x_t @ points.T
+                    + a * points.square().sum(1)) / (1 - a)
+    return log_w - torch.logsumexp(log_w, dim=1, keepdim=True)
+
+
 class PosteriorOracle(nn.Module):
     """A denoiser predicting ``x0`` from the exact posterior over ``points (N, *S)``.
 
@@ -72,11 +81,7 @@ class PosteriorOracle(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = []
         for rows, steps in zip(x_t.flatten(1).double().split(self.chunk), t.split(self.chunk)):
-            a = self.alphas_cumprod[steps.long()].unsqueeze(1)  # (b, 1)
-            # -|x_t - sqrt(a) x_i|^2 / (2 (1 - a)), expanded so that no (b, N, F) tensor is formed
-            log_w = -0.5 * (rows.square().sum(1, keepdim=True) - 2 * a.sqrt() * rows @ self.points.T
-                            + a * self.points.square().sum(1)) / (1 - a)
-            log_w = log_w - torch.logsumexp(log_w, dim=1, keepdim=True)
+            log_w = log_posterior_weights(rows, self.points, self.alphas_cumprod[steps.long()])
             w = log_w.exp()
             entropy = -(w * log_w).sum(1)
             for step, h in zip(steps.tolist(), entropy.exp().tolist()):
