@@ -109,7 +109,13 @@ def main(argv=None) -> int:
         except ValueError:
             p.error(f"--hline takes LABEL=FD, got {text!r}")
     curves, commands = load_curves(args.json)
-    references = {steps: name for name, steps in curves if name.startswith(args.reference)}
+    references = {}
+    for name, steps in sorted(curves):
+        if name.startswith(args.reference):
+            if steps in references:
+                p.error(f"--reference {args.reference!r} matches two variants at T={steps}: "
+                        f"{references[steps]!r} and {name!r}; give more of the name")
+            references[steps] = name
     rows = []
     for (name, steps), by_iters in sorted(curves.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         ref = curves.get((references.get(steps), steps), {})
