@@ -38,8 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Variant, build_model, draw_samples, markdown_table, train  # noqa: E402
-from digits import image_metrics, train_classifier  # noqa: E402
+from common import Variant, draw_samples, markdown_table  # noqa: E402
+from digits import batch_sampler, image_metrics, train_classifier, train_on_digits  # noqa: E402
 from oracle import log_posterior_weights  # noqa: E402
 
 from softmix import NoiseSchedule  # noqa: E402
@@ -118,16 +118,8 @@ def main(argv=None) -> int:
     def classify(x):
         return clf(x).argmax(1)
 
-    # as digits.py, so that the model and its chain are the same
-    torch.manual_seed(args.seed)
-    schedule = NoiseSchedule(args.steps)
-    model = build_model(v, (1, 8, 8))
-    v.bs = min(v.bs, 128)
-
-    def draw(n, g):
-        return data[torch.randint(0, len(data), (n,), generator=g)]
-
-    ema, _ = train(model, v, schedule, draw, args.iters, args.seed)
+    schedule, draw = NoiseSchedule(args.steps), batch_sampler(data)
+    _, ema, _ = train_on_digits(v, schedule, draw, args.iters, args.seed)
     chain = {k: float(x) for k, x in image_metrics(draw_samples(ema, v, schedule, (args.num, 1, 8, 8), args.seed, draw),
                                                    data, labels, clf).items()}
     gen = torch.Generator().manual_seed(40_000 + args.seed)

@@ -80,6 +80,22 @@ COLUMNS = [("fd", "fd", 2, 1.0), ("prec", "precision", 3, 1.0), ("rec", "recall"
            ("cls_kl", "class_kl", 3, 1.0), ("ms/it", "ms_per_iter", 1, 1.0)]
 
 
+def batch_sampler(data: torch.Tensor):
+    """``draw(n, generator)``: ``n`` digits drawn with replacement, the training batches."""
+    return lambda n, g: data[torch.randint(0, len(data), (n,), generator=g)]
+
+
+def train_on_digits(v: Variant, schedule: NoiseSchedule, draw, iters: int, seed: int, on_step=None):
+    """Variant ``v`` built from ``seed`` and trained on the batches of ``draw`` (at most 128 per
+    batch): ``(model, EMA model, seconds per step)``. Every digits script trains through here, so
+    that one variant and seed give one model."""
+    torch.manual_seed(seed)
+    model = build_model(v, (1, 8, 8))
+    v.bs = min(v.bs, 128)
+    ema, sec = train(model, v, schedule, draw, iters, seed, on_step=on_step)
+    return model, ema, sec
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", default="4,10,50")
@@ -111,12 +127,8 @@ def main(argv=None) -> int:
         for name in names:
             spec = name if "hidden=" in name else name + (",hidden=64" if ":" in name else ":hidden=64")
             v = Variant.parse(spec)
+            schedule, draw = NoiseSchedule(steps), batch_sampler(data)
             for seed in seeds:
-                torch.manual_seed(seed)
-                schedule = NoiseSchedule(steps)
-                model = build_model(v, (1, 8, 8))
-                v.bs = min(v.bs, 128)
-                draw = lambda n, g: data[torch.randint(0, len(data), (n,), generator=g)]  # noqa: E731
                 measured, measuring = {}, [0.0]  # measuring: seconds spent in measure, not training
 
                 def measure(step, ema, *_):
@@ -131,7 +143,7 @@ def main(argv=None) -> int:
                           f"cls_kl={m['class_kl']:.3f}", flush=True)
                     measuring[0] += time.perf_counter() - start
 
-                _, sec = train(model, v, schedule, draw, args.iters, seed, on_step=measure)
+                model, _, sec = train_on_digits(v, schedule, draw, args.iters, seed, on_step=measure)
                 sec -= measuring[0] / args.iters
                 for step, (x, m) in measured.items():
                     m.update(params=num_params(model), ms_per_iter=1000 * sec)
