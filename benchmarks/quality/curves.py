@@ -5,8 +5,9 @@ busy), and each variant's FD over a reference variant's, seed by seed.
     python benchmarks/quality/curves.py benchmarks/results/quality-digits-curve-*-T10-s*.json \
         --reference plain --tag quality-digits-curve-T10
 
-Prints a table (mean ± std over seeds, the per-seed values, and the mean per-seed ratio to the
-reference) and writes ``<out>/<tag>.md`` and ``<out>/<tag>.png``.
+Prints a table (mean ± std over seeds, the per-seed values, the mean per-seed ratio to the
+reference over the seeds both ran, and the ratio of the mean FDs over all seeds) and writes
+``<out>/<tag>.md`` and ``<out>/<tag>.png``.
 """
 
 from __future__ import annotations
@@ -121,11 +122,17 @@ def main(argv=None) -> int:
         ref = curves.get((references.get(steps), steps), {})
         for iters, by_seed in sorted(by_iters.items()):
             seeds = sorted(by_seed)
-            ratios = [by_seed[s] / ref[iters][s] for s in seeds if s in ref.get(iters, {})]
+            ref_fds = ref.get(iters, {})
+            ratios = [by_seed[s] / ref_fds[s] for s in seeds if s in ref_fds]
+            paired, of_means = "", ""
+            if ratios and references.get(steps) != name:
+                # seeds without a reference run are left out of the per-seed ratio; say so
+                paired = fmt(ratios, 2) + ("" if len(ratios) == len(seeds) else f" ({len(ratios)} of {len(seeds)} seeds)")
+                of_means = f"{(sum(by_seed.values()) / len(by_seed)) / (sum(ref_fds.values()) / len(ref_fds)):.2f}"
             rows.append([str(steps), f"`{name}`", str(iters), fmt([by_seed[s] for s in seeds], 2),
-                         ", ".join(f"{by_seed[s]:.2f}" for s in seeds),
-                         fmt(ratios, 2) if ratios and references.get(steps) != name else ""])
-    md = markdown_table(["T", "variant", "iters", "FD", "per seed", f"FD / {args.reference}'s, per seed"], rows)
+                         ", ".join(f"{by_seed[s]:.2f}" for s in seeds), paired, of_means])
+    md = markdown_table(["T", "variant", "iters", "FD", "per seed", f"FD / {args.reference}'s, per seed",
+                         "mean FD / its mean FD, all seeds"], rows)
     print(md)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
