@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import fmt, markdown_table  # noqa: E402
+from common import fmt, markdown_table, mean_spread  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -123,12 +123,15 @@ def main(argv=None) -> int:
         for iters, by_seed in sorted(by_iters.items()):
             seeds = sorted(by_seed)
             ref_fds = ref.get(iters, {})
-            ratios = [by_seed[s] / ref_fds[s] for s in seeds if s in ref_fds]
             paired, of_means = "", ""
-            if ratios and references.get(steps) != name:
-                # seeds without a reference run are left out of the per-seed ratio; say so
-                paired = fmt(ratios, 2) + ("" if len(ratios) == len(seeds) else f" ({len(ratios)} of {len(seeds)} seeds)")
-                of_means = f"{(sum(by_seed.values()) / len(by_seed)) / (sum(ref_fds.values()) / len(ref_fds)):.2f}"
+            if ref_fds and references.get(steps) != name:
+                # a seed without a reference run has no per-seed ratio: say how many pair, and
+                # count every seed in the ratio of the means
+                ratios = [by_seed[s] / ref_fds[s] for s in seeds if s in ref_fds]
+                if ratios:
+                    paired = fmt(ratios, 2) + ("" if len(ratios) == len(seeds)
+                                               else f" ({len(ratios)} of {len(seeds)} seeds)")
+                of_means = f"{mean_spread(list(by_seed.values()))[0] / mean_spread(list(ref_fds.values()))[0]:.2f}"
             rows.append([str(steps), f"`{name}`", str(iters), fmt([by_seed[s] for s in seeds], 2),
                          ", ".join(f"{by_seed[s]:.2f}" for s in seeds), paired, of_means])
     md = markdown_table(["T", "variant", "iters", "FD", "per seed", f"FD / {args.reference}'s, per seed",
