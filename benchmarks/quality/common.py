@@ -30,7 +30,9 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
   step of T = 20 are about 30 times as steep in ``x_t`` as at T = 4); ``idff`` (n: the
   identifier's logits see ``n`` random Fourier features of ``x_t``, at the backbone's scale
   ``ffs``, as the backbone does: ``SMD(..., identifier_fourier=n)``; 0, the default: ``x_t``
-  alone; vectors only); ``ffgate`` (1, with ``idff``: each feature times what the noise of
+  alone; vectors only); ``idflat`` (1, with ``cat`` on images: the logits from the identifier's
+  features at every position, flattened through one Linear, not averaged over positions);
+  ``ffgate`` (1, with ``idff``: each feature times what the noise of
   ``x_t`` leaves of it, ``exp(-2 pi^2 (1 - alpha_bar_t) |w|^2)``, so that the features are off
   at the noisy steps; implies ``ffsplit``); ``ffsplit`` (1, with ``idff``: the features through
   a Linear of their own, made after the rest of the model, which then starts exactly as without
@@ -124,6 +126,7 @@ class Variant:
     wdiv: bool = False  # cat: the weights' gradient divided by k_t (the library before 2026-11-29)
     lscale: bool = False  # cat: logits times a learned exp(a(t)) (exploration)
     idff: int = 0  # cat: Fourier features of x_t for the identifier's logits (SMD's identifier_fourier)
+    idflat: bool = False  # cat, images: the logits from the features at every position, not their mean (exploration)
     ffgate: bool = False  # idff: each feature damped by its noise at step t, exp(-2 pi^2 (1 - a_t) |w|^2) (exploration)
     ffsplit: bool = False  # idff: the features through a Linear of their own, x_t's as without features (exploration)
     wt: str = ""  # a per-step weight outside the bound: snr1 | snr | min5 (exploration)
@@ -164,7 +167,7 @@ class Variant:
         for k, v in kv.items():
             if k not in types or k in ("name", "extra"):
                 raise ValueError(f"unknown variant key {k!r} in {text!r}")
-            if k in ("smd", "noeta", "addz", "catlast", "wdiv", "lscale", "xnoise", "wcap", "xfit", "ffgate", "ffsplit", "lrcos"):
+            if k in ("smd", "noeta", "addz", "catlast", "wdiv", "lscale", "idflat", "xnoise", "wcap", "xfit", "ffgate", "ffsplit", "lrcos"):
                 out[k] = v not in ("0", "false", "False", "")
             elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim", "discrete", "cat", "idff", "floorfrom"):
                 out[k] = int(v)
@@ -200,6 +203,10 @@ def build_model(v: Variant, sample_shape: tuple[int, ...]) -> nn.Module:
             add_latent_bias(head)
     if v.lscale:
         add_logit_scale(model.identifier)
+    if v.idflat:
+        if not v.cat or len(sample_shape) == 1:
+            raise ValueError(f"{v.name}: idflat needs cat and images")
+        add_flat_logits(model.identifier, sample_shape)
     if v.winit:  # exploration: components differ from the first step (no symmetry to break)
         for head in model.heads:
             nn.init.normal_(head.w_out.weight, std=v.winit)
@@ -359,6 +366,25 @@ def add_logit_scale(identifier: CategoricalIdentifier) -> None:
     identifier.log_scale = nn.Linear(identifier.time_dim, 1)
     nn.init.zeros_(identifier.log_scale.weight)
     nn.init.zeros_(identifier.log_scale.bias)
+
+
+class FlatLogitsIdentifier(CategoricalIdentifier):
+    """Exploration (``idflat``): the image logits from the features at every position, flattened
+    through one Linear, where the library averages them over positions. The average keeps which
+    strokes an image has but not where: a net of the library's shape trained to tell the digit
+    class from ``x_t`` (T = 10) reaches 44% at t = 2 against the exact posterior's 75%, and with
+    the positions kept 70%."""
+
+    def logits(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = self.flat_proj(self.features(x_t).flatten(1))
+        return self.logits_net(h + self.time(timestep_embedding(t, self.time_dim).to(h.dtype)))
+
+
+def add_flat_logits(identifier: CategoricalIdentifier, sample_shape: tuple[int, ...]) -> None:
+    identifier.__class__ = FlatLogitsIdentifier  # a class, so that deepcopy (EMA) keeps it
+    hidden = identifier.time.out_features
+    positions = math.prod((s + 1) // 2 for s in sample_shape[1:])  # after the stride-2 conv
+    identifier.flat_proj = nn.Linear(hidden * positions, hidden)
 
 
 class SplitFourierIdentifier(CategoricalIdentifier):
