@@ -61,6 +61,14 @@ def load_curves(paths: list[str]) -> tuple[dict, list[str]]:
     return curves, commands
 
 
+def legend_label(name: str) -> str:
+    """``plain:hidden=64,pred=sample`` -> ``plain:hidden=64``; the keys that every digits curve
+    shares (``pred``, ``bound``) left out, ``cat=K`` said as ``categorical``, any other key kept."""
+    first, *keys = name.split(",")
+    shown = ["categorical" if k.startswith("cat=") else k for k in keys if not k.startswith(("pred=", "bound="))]
+    return ", ".join([first, *shown])
+
+
 def plot_curves(curves: dict, path: Path, hlines: list[tuple[str, float]] = ()) -> None:
     """FD against training steps, one panel per T, one line (the mean over seeds, each seed a
     dot) per variant; ``hlines``: ``(label, FD)`` reference lines, dashed."""
@@ -75,8 +83,7 @@ def plot_curves(curves: dict, path: Path, hlines: list[tuple[str, float]] = ()) 
                 continue
             iters = sorted(by_iters)
             means = [sum(by_iters[i].values()) / len(by_iters[i]) for i in iters]
-            line, = ax.plot(iters, means, marker="o", label=name.split(",")[0] + ("" if "cat=" not in name else
-                                                                                   ", categorical"))
+            line, = ax.plot(iters, means, marker="o", label=legend_label(name))
             for i in iters:
                 ax.scatter([i] * len(by_iters[i]), list(by_iters[i].values()), s=10, color=line.get_color(), alpha=0.5)
         ax.set(xscale="log", yscale="log", xlabel="training steps", ylabel="FD (classifier features)",
