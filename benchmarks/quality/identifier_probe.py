@@ -26,14 +26,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_table  # noqa: E402
+from common import RESULTS, write_report  # noqa: E402
 from oracle import log_posterior_weights  # noqa: E402
 
 from softmix import NoiseSchedule  # noqa: E402
 from softmix.data import digits  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parents[1] / "results"
-
 
 class ClassProbe(nn.Module):
     """The identifier's image network (``CategoricalIdentifier``, ``spatial_dims=2``) with 10
@@ -101,13 +98,8 @@ def main(argv=None) -> int:
         rows.append(row)
     header = ["t", "exact posterior: CE", "acc", "identifier's net (mean over positions): CE", "acc",
               "positions kept: CE", "acc"]
-    md = markdown_table(header, rows)
-    print(md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = "python benchmarks/quality/identifier_probe.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    (out / f"{args.tag}.md").write_text(f"<!-- {cmd} -->\n\nT = {args.steps}; {args.iters} training steps "
-                                        f"of 128 per probe; CE in nats on the 1797 digits, one draw of noise.\n\n{md}")
+    write_report(args, f"T = {args.steps}; {args.iters} training steps of 128 per probe; CE in nats on the "
+                       f"1797 digits, one draw of noise.", header, rows)
     return 0
 
 
