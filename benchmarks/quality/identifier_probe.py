@@ -32,6 +32,7 @@ from oracle import log_posterior_weights  # noqa: E402
 from softmix import NoiseSchedule  # noqa: E402
 from softmix.data import digits  # noqa: E402
 
+
 class ClassProbe(nn.Module):
     """The identifier's image network (``CategoricalIdentifier``, ``spatial_dims=2``) with 10
     outputs; ``pool=False`` keeps the positions (``common.FlatLogitsIdentifier``)."""
