@@ -32,6 +32,10 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
   ``ffs``, as the backbone does: ``SMD(..., identifier_fourier=n)``; 0, the default: ``x_t``
   alone; vectors only); ``idflat`` (1, with ``cat`` on images: the logits from the identifier's
   features at every position, flattened through one Linear, not averaged over positions);
+  ``sharp`` (f, with ``cat``: the step's sharpness ``k_t`` times ``f``, the components' width
+  ``sigma_t`` divided by ``sqrt(f)``, in training only; the temperature ``1 / f`` without its
+  factor on the weights' gradient) and ``sharpbelow`` (S: ``sharp`` on the steps ``t < S`` only;
+  0: on every step);
   ``ffgate`` (1, with ``idff``: each feature times what the noise of
   ``x_t`` leaves of it, ``exp(-2 pi^2 (1 - alpha_bar_t) |w|^2)``, so that the features are off
   at the noisy steps; implies ``ffsplit``); ``ffsplit`` (1, with ``idff``: the features through
@@ -127,6 +131,8 @@ class Variant:
     lscale: bool = False  # cat: logits times a learned exp(a(t)) (exploration)
     idff: int = 0  # cat: Fourier features of x_t for the identifier's logits (SMD's identifier_fourier)
     idflat: bool = False  # cat, images: the logits from the features at every position, not their mean (exploration)
+    sharp: float = 1.0  # cat: k_t times this in training (exploration)
+    sharpbelow: int = 0  # sharp: on the steps t < sharpbelow only (0: every step)
     ffgate: bool = False  # idff: each feature damped by its noise at step t, exp(-2 pi^2 (1 - a_t) |w|^2) (exploration)
     ffsplit: bool = False  # idff: the features through a Linear of their own, x_t's as without features (exploration)
     wt: str = ""  # a per-step weight outside the bound: snr1 | snr | min5 (exploration)
@@ -169,9 +175,9 @@ class Variant:
                 raise ValueError(f"unknown variant key {k!r} in {text!r}")
             if k in ("smd", "noeta", "addz", "catlast", "wdiv", "lscale", "idflat", "xnoise", "wcap", "xfit", "ffgate", "ffsplit", "lrcos"):
                 out[k] = v not in ("0", "false", "False", "")
-            elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim", "discrete", "cat", "idff", "floorfrom"):
+            elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim", "discrete", "cat", "idff", "floorfrom", "sharpbelow"):
                 out[k] = int(v)
-            elif k in ("temp", "minvar", "lr", "klw", "ffs", "winit", "t0frac", "tmid", "iw", "width", "xlast", "ema", "beta2", "spike", "floor", "tail"):
+            elif k in ("temp", "minvar", "lr", "klw", "ffs", "winit", "t0frac", "tmid", "iw", "width", "xlast", "ema", "beta2", "spike", "floor", "tail", "sharp"):
                 out[k] = float(v)
             else:
                 out[k] = v
@@ -318,18 +324,21 @@ class WidthNoise(nn.Module):
 
 def categorical_loss(model: SMD, schedule: NoiseSchedule, x0: torch.Tensor, gen: torch.Generator,
                      min_variance: float, prediction_type: str = "epsilon", last_step_only: bool = False,
-                     weights_divided: bool = False) -> torch.Tensor:
+                     weights_divided: bool = False, sharp: float = 1.0, sharp_below: int = 0) -> torch.Tensor:
     """``softmix.training_loss`` of a categorical SMD (the exact mixture likelihood of the step
-    at the ``posterior`` sharpness ``k_t``), extended for three explorations: ``pred=mixed``;
+    at the ``posterior`` sharpness ``k_t``), extended for four explorations: ``pred=mixed``;
     with ``last_step_only`` the plain loss ``sum_k pi_k e_k`` on the steps ``t > 0`` (minimised
     by every component predicting the posterior mean); with ``weights_divided`` the weights
     learn from the bound itself (their gradient divided by ``k_t``), not from the likelihood as
-    ``training_loss`` has them."""
+    ``training_loss`` has them; with ``sharp`` the sharpness ``k_t`` times ``sharp`` on the
+    steps ``t < sharp_below`` (every step if 0)."""
     b, num = x0.shape[0], model.identifier.num_components
     t, x_t, target = prediction_batch(schedule, x0, prediction_type, gen)
     pred = model(x_t, t, components=True).reshape(num, *x0.shape)
     log_pi, w = model.last_log_weights.T, torch.ones(b)
     k = precision(schedule, t, x0[0].numel(), prediction_type, min_variance).float()
+    if sharp != 1.0:
+        k = torch.where((t < sharp_below) if sharp_below else torch.ones_like(t, dtype=torch.bool), k * sharp, k)
     # as training_loss, unless weights_divided: the weights' gradient that of the likelihood
     mixture_log_pi = log_pi if weights_divided else gradient_scaled(log_pi, k)
     mixture = categorical_bound(pred, target, mixture_log_pi, w, "posterior", precision=k)
@@ -475,14 +484,16 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
         snr = schedule.alphas_cumprod / (1 - schedule.alphas_cumprod)
         kw["weight"] = lambda t: (v.width ** 2 * snr[t]).clamp(min=1.0)
     step_weight = loss_weight(v.wt, schedule)
+    if v.sharp != 1.0 and not (v.cat and v.bound == "posterior"):
+        raise ValueError(f"{v.name}: sharp needs cat and bound=posterior")
     spikes = SpikeFilter(v.spike)
     t0 = time.perf_counter()
     for step in range(iters):
         x0 = draw_batch(v.bs, gen)
         if encoder is not None:
             loss = elbo_loss(model, encoder, schedule, x0, generator=gen, **kw)
-        elif v.cat and (v.catlast or v.wdiv or v.pred == "mixed"):
-            loss = categorical_loss(model, schedule, x0, gen, v.minvar, v.pred, v.catlast, v.wdiv)
+        elif v.cat and (v.catlast or v.wdiv or v.pred == "mixed" or v.sharp != 1.0):
+            loss = categorical_loss(model, schedule, x0, gen, v.minvar, v.pred, v.catlast, v.wdiv, v.sharp, v.sharpbelow)
         elif v.pred == "mixed":
             if v.smd:
                 raise ValueError(f"{v.name}: pred=mixed is implemented for plain and cat variants only")

@@ -20,7 +20,16 @@ pixels, data in [-1, 1]):
 - categorical only: ``spread``, ``E sum_k pi_k |x0_k - m|^2``, the variance the mixture puts
   around its mean (the exact step's is ``post var``); ``eff K``, ``exp(H(pi))``; ``mix classes``,
   ``exp(H)`` of the classes of the components' ``x0_k`` (the ``digits.py`` classifier), weighted
-  by ``pi``, against ``eff classes``.
+  by ``pi``, against ``eff classes``;
+- ``KL exact mean`` and ``KL``, steps ``t > 0``: the KL divergence in nats of a step
+  ``p(x_{t-1} | x_t)`` from the exact step ``q(x_{t-1} | x_t)`` (the mixture over the training
+  digits of the Gaussians ``N(mu_t(x_i), sigma_t^2)``), estimated by Monte Carlo with one draw of
+  the exact step per noised digit. ``KL exact mean`` is that of the Gaussian step at the exact
+  mean, the best plain step: what a mixture step can win at ``t`` at most. ``KL`` is the model's
+  own step (the plain model's Gaussian, or the categorical model's mixture), fit error included.
+  Both are measured in ``x0`` units, ``(x_{t-1} - a x_t) / c_t``, where every component has the
+  width ``sigma_t / c_t``; the draws use a generator of their own, so the other columns are
+  those of the diagnosis without the KL.
 
 A mixture that has learned the step's modes has ``spread`` near ``post var`` and ``mix classes``
 near ``eff classes``; one that has collapsed onto its mean has ``spread`` near 0, and is the
@@ -44,8 +53,21 @@ from oracle import log_posterior_weights  # noqa: E402
 
 from softmix import NoiseSchedule  # noqa: E402
 from softmix.data import digits  # noqa: E402
+from softmix.loss import step_precision  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def x0_width_squared(schedule: NoiseSchedule, t: int, features: int) -> float:
+    """``sigma_t^2 / c_t^2``: the variance per pixel of a step's Gaussian ``N(mu_t(x0), sigma_t^2)``
+    in ``x0`` units (``mu_t`` has slope ``c_t`` in ``x0``), from ``k_t = F c_t^2 / (2 sigma_t^2)``."""
+    return features / (2 * float(step_precision(schedule, torch.tensor([t]), features, "sample", min_variance=0.0)))
+
+
+def log_gaussians(y: torch.Tensor, centres: torch.Tensor, variance: float) -> torch.Tensor:
+    """``-|y_b - c_j|^2 / (2 variance)`` for ``y (b, F)`` and ``centres (N, F)``: (b, N), no (b, N, F) tensor."""
+    sq = y.square().sum(1, keepdim=True) - 2 * y @ centres.T + centres.square().sum(1)
+    return -sq.clamp_min(0) / (2 * variance)
 
 
 def entropy_exp(p: torch.Tensor) -> torch.Tensor:
@@ -55,20 +77,28 @@ def entropy_exp(p: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def step_report(model, schedule: NoiseSchedule, points: torch.Tensor, labels: torch.Tensor, classify, t: int,
-                num: int, gen: torch.Generator, chunk: int = 250) -> dict:
-    """The model's step ``t`` on ``num`` noised training digits (see the module docstring)."""
+                num: int, gen: torch.Generator, kl_gen: torch.Generator, chunk: int = 250) -> dict:
+    """The model's step ``t`` on ``num`` noised training digits (see the module docstring);
+    ``kl_gen`` draws the exact steps of the KL columns."""
     flat = points.flatten(1).double()
     a = schedule.alphas_cumprod[t].double()
     x0 = flat[torch.randint(0, len(flat), (num,), generator=gen)]
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
-    w = log_posterior_weights(x_t, flat, a.expand(num)).exp()  # (num, N)
+    log_w = log_posterior_weights(x_t, flat, a.expand(num))
+    w = log_w.exp()  # (num, N)
     mean = w @ flat
+    # one draw of the exact step per row, in x0 units: a posterior digit plus the step's own noise
+    # (t = 0 has none: its step is deterministic, so no KL)
+    width2 = x0_width_squared(schedule, t, flat.shape[1]) if t > 0 else 0.0
+    y = flat[torch.multinomial(w.float(), 1, generator=kl_gen).squeeze(1)]
+    y = y + width2**0.5 * torch.randn(y.shape, generator=kl_gen, dtype=torch.float64)
+    log_exact = torch.logsumexp(log_w + log_gaussians(y, flat, width2), 1) if t > 0 else None
     per_class = torch.zeros(num, 10, dtype=torch.float64).index_add_(1, labels, w)
     row = {"eff_points": float(entropy_exp(w).mean()), "eff_classes": float(entropy_exp(per_class).mean()),
            "post_var": float((w @ flat.square()).sum(1).sub(mean.square().sum(1)).mean())}
     categorical = getattr(model, "categorical", False)
-    excess, spread, eff_k, mix_classes = [], [], [], []
-    for rows, mu in zip(x_t.float().split(chunk), mean.split(chunk)):
+    excess, spread, eff_k, mix_classes, log_model = [], [], [], [], []
+    for rows, mu, y_rows in zip(x_t.float().split(chunk), mean.split(chunk), y.split(chunk)):
         b, tt = len(rows), torch.full((len(rows),), t)
         images = rows.reshape(b, *points.shape[1:])
         if categorical:
@@ -83,10 +113,18 @@ def step_report(model, schedule: NoiseSchedule, points: torch.Tensor, labels: to
             # the weight of each class among the components: (b, 10)
             mix = torch.zeros(k, b, 10, dtype=torch.float64).scatter_(2, classes.unsqueeze(2), pi.unsqueeze(2)).sum(0)
             mix_classes.append(entropy_exp(mix))
+            if t > 0:  # log sum_k pi_k N(y; x0_k, width2): the components' log densities (K, b)
+                log_k = -(y_rows.unsqueeze(0) - comps).square().sum(2) / (2 * width2)
+                log_model.append(torch.logsumexp(pi.clamp_min(1e-300).log() + log_k, 0))
         else:
             m = model(images, tt).flatten(1).double()
+            if t > 0:
+                log_model.append(-(y_rows - m).square().sum(1) / (2 * width2))
         excess.append((m - mu).square().sum(1))
     row["excess"] = float(torch.cat(excess).mean())
+    if t > 0:  # the normalising constants of the Gaussians are the same in all three and cancel
+        row["kl_exact_mean"] = float((log_exact + (y - mean).square().sum(1) / (2 * width2)).mean())
+        row["kl"] = float((log_exact - torch.cat(log_model)).mean())
     if categorical:
         row.update(spread=float(torch.cat(spread).mean()), eff_components=float(torch.cat(eff_k).mean()),
                    mix_classes=float(torch.cat(mix_classes).mean()))
@@ -122,13 +160,15 @@ def main(argv=None) -> int:
     _, ema, _ = train_on_digits(v, schedule, draw, args.iters, args.seed)
     chain = {k: float(x) for k, x in image_metrics(draw_samples(ema, v, schedule, (args.num, 1, 8, 8), args.seed, draw),
                                                    data, labels, clf).items()}
-    gen = torch.Generator().manual_seed(40_000 + args.seed)
-    steps = {t: step_report(ema, schedule, data, labels, classify, t, args.num, gen) for t in range(args.steps)}
+    gen, kl_gen = torch.Generator().manual_seed(40_000 + args.seed), torch.Generator().manual_seed(50_000 + args.seed)
+    steps = {t: step_report(ema, schedule, data, labels, classify, t, args.num, gen, kl_gen) for t in range(args.steps)}
 
     cat = "spread" in steps[0]
-    header = ["t", "eff points", "eff classes", "post var", "excess"] + (["spread", "eff K", "mix classes"] if cat else [])
+    header = (["t", "eff points", "eff classes", "post var", "excess"] + (["spread", "eff K", "mix classes"] if cat else [])
+              + ["KL exact mean", "KL"])
     rows = [[str(t), f"{r['eff_points']:.1f}", f"{r['eff_classes']:.2f}", f"{r['post_var']:.2f}", f"{r['excess']:.2f}"]
             + ([f"{r['spread']:.2f}", f"{r['eff_components']:.1f}", f"{r['mix_classes']:.2f}"] if cat else [])
+            + ([f"{r['kl_exact_mean']:.3f}", f"{r['kl']:.3f}"] if "kl" in r else ["–", "–"])
             for t, r in reversed(steps.items())]
     md = (f"`{v.name}`, T = {args.steps}, seed {args.seed}, {args.iters} training steps. Whole chain: "
           f"FD {chain['fd']:.2f}, precision {chain['precision']:.3f}, recall {chain['recall']:.3f}.\n\n"

@@ -14,7 +14,16 @@ library's own ancestral sampler (``softmix.sample``, ``prediction_type="sample"`
   themselves) at any number of steps.
 
 So the gap between ``mean`` and the data at T steps is the most that a mixture step can gain
-there. On the empirical data the posterior concentrates on single points at low noise, so
+there. Two more samplers (``--gaussian``) ask how much of that gap a *Gaussian* step could close
+with the right variance, the step's moments matched:
+
+- ``gauss``: predicts ``x0 ~ N(E[x0 | x_t], Cov[x0 | x_t])``, so the step is
+  ``N(mu_t(E[x0 | x_t]), sigma_t^2 I + c_t^2 Cov[x0 | x_t])``: the exact step's mean and
+  covariance, the best single Gaussian (``c_t`` the step mean's slope in ``x0``);
+- ``gaussiso``: the same with the covariance replaced by ``tr(Cov) / F`` times the identity, the
+  best Gaussian with one variance per step (what Analytic-DPM estimates).
+
+What ``draw`` gains beyond ``gauss`` is the step's shape: the part only a mixture can win. On the empirical data the posterior concentrates on single points at low noise, so
 both samplers reproduce data points late in the chain: this measures the step's shape, not a
 model's generalisation.
 
@@ -35,7 +44,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_table  # noqa: E402
+from common import fmt, markdown_table  # noqa: E402
 
 import softmix  # noqa: E402
 from softmix import NoiseSchedule  # noqa: E402
@@ -59,21 +68,23 @@ class PosteriorOracle(nn.Module):
 
     ``mode="mean"``: ``E[x0 | x_t]``; ``mode="draw"``: one point drawn from ``q(x0 | x_t)``;
     ``mode="draw<S"``: drawn on the steps ``t < S``, the mean on the others (which steps need
-    the mixture). Also records, per timestep, the effective number of points ``exp(H)`` of the
-    posterior.
+    the mixture); ``mode="gauss"``: drawn from ``N(E[x0 | x_t], Cov[x0 | x_t])``;
+    ``mode="gaussiso"``: from ``N(E[x0 | x_t], tr(Cov) / F I)``. Also records, per timestep, the
+    effective number of points ``exp(H)`` of the posterior.
     """
 
     def __init__(self, points: torch.Tensor, schedule: NoiseSchedule, mode: str, generator: torch.Generator,
                  chunk: int = 256):
         super().__init__()
-        if mode == "mean":
+        self.gaussian = mode if mode in ("gauss", "gaussiso") else ""
+        if mode == "mean" or self.gaussian:
             self.draw_below = 0
         elif mode == "draw":
             self.draw_below = schedule.num_steps
         elif mode.startswith("draw<") and mode[5:].isdigit():
             self.draw_below = int(mode[5:])
         else:
-            raise ValueError(f"unknown mode {mode!r}; expected 'mean', 'draw' or 'draw<S'")
+            raise ValueError(f"unknown mode {mode!r}; expected 'mean', 'draw', 'draw<S', 'gauss' or 'gaussiso'")
         self.points, self.generator, self.chunk = points.double().flatten(1), generator, chunk
         self.alphas_cumprod = schedule.alphas_cumprod.double()
         self.effective: dict[int, list[float]] = {}
@@ -86,9 +97,24 @@ class PosteriorOracle(nn.Module):
             entropy = -(w * log_w).sum(1)
             for step, h in zip(steps.tolist(), entropy.exp().tolist()):
                 self.effective.setdefault(int(step), []).append(h)
+            mean = w @ self.points
+            if self.gaussian:
+                out.append(mean + self.gaussian_noise(w, mean))
+                continue
             pick = torch.multinomial(w.float(), 1, generator=self.generator).squeeze(1)
-            out.append(torch.where((steps < self.draw_below).unsqueeze(1), self.points[pick], w @ self.points))
+            out.append(torch.where((steps < self.draw_below).unsqueeze(1), self.points[pick], mean))
         return torch.cat(out).to(x_t.dtype).reshape(x_t.shape)
+
+    def gaussian_noise(self, w: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """A draw of ``N(0, Cov[x0 | x_t])`` (``gauss``) or ``N(0, tr(Cov) / F I)`` (``gaussiso``)
+        for posterior weights ``w (b, N)`` and means ``mean (b, F)``."""
+        if self.gaussian == "gaussiso":
+            variance = ((w @ self.points.square()).sum(1) - mean.square().sum(1)).clamp(min=0) / mean.shape[1]
+            return variance.sqrt().unsqueeze(1) * torch.randn(mean.shape, generator=self.generator, dtype=mean.dtype)
+        # sum_i sqrt(w_i) z_i (x_i - mean) with z_i ~ N(0, 1) has covariance sum_i w_i (x_i - mean)(x_i - mean)^T,
+        # the posterior's, and needs no (b, F, F) matrix
+        z = w.sqrt() * torch.randn(w.shape, generator=self.generator, dtype=w.dtype)
+        return z @ self.points - z.sum(1, keepdim=True) * mean
 
 
 def effective_by_step(oracle: PosteriorOracle) -> dict[int, float]:
@@ -99,17 +125,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", choices=("digits", "grid"), default="digits")
     p.add_argument("--steps", default="4,10,20,50")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma-separated sampling seeds; the table gives mean ± std")
     p.add_argument("--num", type=int, default=None, help="samples per sampler (digits 1000, grid 2000, as the other scripts)")
     p.add_argument("--points", type=int, default=20000, help="grid only: draws of the mixture used as the data")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default=None)
     p.add_argument("--split", default="", help="comma-separated S: also sample with the draw on steps t < S only")
+    p.add_argument("--gaussian", action="store_true",
+                   help="also sample with the moment-matched Gaussian steps (gauss, gaussiso)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     tag = args.tag or f"oracle-{args.data}"
-    g = torch.Generator().manual_seed(args.seed)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    g = torch.Generator().manual_seed(seeds[0])  # the grid's data points: one set for every sampling seed
     if args.data == "digits":
         from sklearn.datasets import load_digits
 
@@ -137,15 +166,19 @@ def main(argv=None) -> int:
     for steps in [int(s) for s in args.steps.split(",")]:
         schedule = NoiseSchedule(steps)
         splits = [f"draw<{s}" for s in args.split.split(",") if s and int(s) < steps]
-        for mode in ("mean", *splits, "draw"):
-            oracle = PosteriorOracle(points, schedule, mode, torch.Generator().manual_seed(args.seed + 1))
-            x = softmix.sample(oracle, schedule, shape, steps=steps, generator=torch.Generator().manual_seed(args.seed),
-                               prediction_type="sample", progress=False)
-            m = {k: float(v) for k, v in metrics(x).items()}
-            m["effective_points"] = effective_by_step(oracle)
-            results[f"{mode}@{steps}"] = m
-            cells = [f"{m[k] * (100.0 if k == 'high_quality' else 1.0):.{d}f}" for _, k, d in columns]
-            eff = m["effective_points"]
+        gaussians = ("gaussiso", "gauss") if args.gaussian else ()
+        for mode in ("mean", *gaussians, *splits, "draw"):
+            per_seed = []
+            for seed in seeds:
+                oracle = PosteriorOracle(points, schedule, mode, torch.Generator().manual_seed(seed + 1))
+                x = softmix.sample(oracle, schedule, shape, steps=steps, generator=torch.Generator().manual_seed(seed),
+                                   prediction_type="sample", progress=False)
+                m = {k: float(v) for k, v in metrics(x).items()}
+                m["effective_points"] = effective_by_step(oracle)
+                per_seed.append(m)
+            results[f"{mode}@{steps}"] = per_seed[0] if len(seeds) == 1 else {"seeds": seeds, "per_seed": per_seed}
+            cells = [fmt([m[k] for m in per_seed], d, 100.0 if k == "high_quality" else 1.0) for _, k, d in columns]
+            eff = per_seed[0]["effective_points"]
             rows.append([str(steps), f"`{mode}`", *cells, f"{eff[0]:.1f}", f"{eff[max(eff) // 2]:.1f}", f"{eff[max(eff)]:.0f}"])
             print(f"[{time.time() - t0:5.0f}s] T={steps:<3d} {mode:<5s} " + " ".join(
                 f"{name}={c}" for (name, _, _), c in zip(columns, cells)), flush=True)
