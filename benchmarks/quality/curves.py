@@ -94,9 +94,13 @@ def plot_curves(curves: dict, path: Path, hlines: list[tuple[str, float]] = ()) 
         for label, value in hlines:  # after the scales are set, so the label sits at the left edge
             ax.axhline(value, linestyle="--", linewidth=0.8, color="grey")
             ax.annotate(label, (ax.get_xlim()[0], value), fontsize=7, va="bottom", color="grey")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
+        low, high = ax.get_ylim()  # FD ticks as plain numbers, not powers of ten
+        ax.set_yticks([y for y in (2, 3, 5, 10, 20, 30, 50, 100, 200) if low <= y <= high])
+        ax.set_yticklabels([f"{y:g}" for y in ax.get_yticks()])
+        ax.yaxis.set_minor_locator(plt.NullLocator())
+        # below the panel: the variants' names are long, and inside it they hid the reference lines
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, -0.18))
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 

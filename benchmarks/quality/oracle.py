@@ -23,9 +23,11 @@ with the right variance, the step's moments matched:
 - ``gaussiso``: the same with the covariance replaced by ``tr(Cov) / F`` times the identity, the
   best Gaussian with one variance per step (what Analytic-DPM estimates).
 
-What ``draw`` gains beyond ``gauss`` is the step's shape: the part only a mixture can win. On the empirical data the posterior concentrates on single points at low noise, so
-both samplers reproduce data points late in the chain: this measures the step's shape, not a
-model's generalisation.
+What ``draw`` gains beyond ``gauss`` is the step's shape: the part only a mixture can win.
+
+On the empirical data the posterior concentrates on single points at low noise, so ``mean`` and
+``draw`` reproduce data points late in the chain: this measures the step's shape, not a model's
+generalisation.
 
     python benchmarks/quality/oracle.py --data digits --steps 4,10,20,50
     python benchmarks/quality/oracle.py --data grid --steps 2,4,10,20,50
