@@ -95,8 +95,8 @@ def plot_curves(curves: dict, path: Path, hlines: list[tuple[str, float]] = ()) 
             ax.axhline(value, linestyle="--", linewidth=0.8, color="grey")
             ax.annotate(label, (ax.get_xlim()[0], value), fontsize=7, va="bottom", color="grey")
         low, high = ax.get_ylim()  # FD ticks as plain numbers, not powers of ten
-        ax.set_yticks([y for y in (2, 3, 5, 10, 20, 30, 50, 100, 200) if low <= y <= high])
-        ax.set_yticklabels([f"{y:g}" for y in ax.get_yticks()])
+        fd_ticks = [y for y in (2, 3, 5, 10, 20, 30, 50, 100, 200) if low <= y <= high]
+        ax.set_yticks(fd_ticks, [f"{y:g}" for y in fd_ticks])
         ax.yaxis.set_minor_locator(plt.NullLocator())
         # below the panel: the variants' names are long, and inside it they hid the reference lines
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, -0.18))
