@@ -490,3 +490,182 @@ def test_fit_final_width_rejects_what_it_cannot_fit():
         fit_final_width(_categorical_model(3), s, x0, prediction_type="score")
     with pytest.raises(ValueError, match="x0 is empty"):
         fit_final_width(_categorical_model(3), s, x0[:0])
+
+
+def _adaptive_average(h: torch.Tensor, size: int) -> torch.Tensor:
+    """The textbook adaptive average pool of ``h (B, C, H, W)`` to ``size x size``: bin ``i`` of
+    ``n`` cells spans ``floor(i n / size)`` to ``ceil((i + 1) n / size)``."""
+    def bins(n):
+        return [(i * n // size, -(-(i + 1) * n // size)) for i in range(size)]
+    return torch.stack([torch.stack([h[:, :, r0:r1, c0:c1].mean((-2, -1)) for c0, c1 in bins(h.shape[-1])], -1)
+                        for r0, r1 in bins(h.shape[-2])], -2)
+
+
+@pytest.mark.parametrize("size", [8, 10])
+def test_image_weights_see_a_grid_of_positions_in_float64(size):
+    torch.manual_seed(size)
+    ident = CategoricalIdentifier(1, 4, num_components=5, hidden=6, spatial_dims=2, grid=4).double()
+    x_t, t = torch.randn(3, 1, size, size, dtype=torch.float64), torch.randint(0, 10, (3,))
+    h = ident.features(x_t)  # (3, 6, size / 2, size / 2), rounded up
+    flat = _adaptive_average(h, 4).flatten(1)  # channel-major, then rows, then columns
+    h = flat @ ident.positions.weight.T + ident.positions.bias
+    h = h + ident.time(timestep_embedding(t, ident.time_dim).double())
+    torch.testing.assert_close(ident.logits(x_t, t), ident.logits_net(h), rtol=1e-12, atol=1e-12)
+    # the same weights for any image size; the average over positions (grid 0) has 6 x 6 x 16 fewer
+    assert ident.positions.weight.shape == (6, 6 * 16)
+    averaged = CategoricalIdentifier(1, 4, num_components=5, hidden=6, spatial_dims=2)
+    assert sum(p.numel() for p in ident.parameters()) - sum(p.numel() for p in averaged.parameters()) == 6 * 6 * 16 + 6
+
+
+def test_the_grid_is_made_last_so_the_rest_starts_as_without_it():
+    """With and without the grid, the same seed gives the same convolutions, codes and logits
+    layers: the option changes only how the features reach the logits."""
+    models = []
+    for grid in (0, 4):
+        torch.manual_seed(0)
+        models.append(SMD(ConvDenoiser(1, hidden=8, blocks=1, groups=4), latent_dim=4, identifier="categorical",
+                          num_components=3, identifier_hidden=8, identifier_grid=grid))
+    without, with_grid = (dict(m.named_parameters()) for m in models)
+    assert set(with_grid) - set(without) == {"identifier.positions.weight", "identifier.positions.bias"}
+    for name, p in without.items():
+        torch.testing.assert_close(with_grid[name], p, rtol=0, atol=0)
+
+
+def test_the_grid_trains_samples_and_round_trips_through_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    model = SMD(ConvDenoiser(1, hidden=8, blocks=1, groups=4), latent_dim=4, identifier="categorical",
+                num_components=3, identifier_hidden=8, identifier_grid=2)
+    s, x0 = NoiseSchedule(4), torch.randn(5, 1, 8, 8)
+    loss = softmix.training_loss(model, s, x0, bound="posterior", prediction_type="sample", sharpen=5.0,
+                                 generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and model.identifier.positions.weight.grad.abs().sum() > 0
+    x = softmix.sample(model, s, (3, 1, 8, 8), steps=4, generator=torch.Generator().manual_seed(0), progress=False)
+    assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
+    model.save_pretrained(tmp_path / "grid")
+    loaded = SMD.from_pretrained(tmp_path / "grid", denoiser=ConvDenoiser(1, hidden=8, blocks=1, groups=4))
+    assert loaded.identifier.grid == 2
+    x_t, t, eta = torch.randn(4, 1, 8, 8), torch.randint(0, 4, (4,)), torch.randn(4, 3)
+    torch.testing.assert_close(loaded(x_t, t, eta=eta), model(x_t, t, eta=eta))
+
+
+def test_images_default_to_the_grid_and_older_checkpoints_and_runs_to_the_average(tmp_path):
+    from softmix.categorical import POSITION_GRID
+    from softmix.train import TrainConfig
+
+    conv = lambda: ConvDenoiser(1, hidden=8, blocks=1, groups=4)  # noqa: E731
+    assert SMD(conv(), identifier="categorical", num_components=3).identifier.grid == POSITION_GRID == 4
+    assert SMD(conv(), identifier="categorical", num_components=3, identifier_grid=0).identifier.grid == 0
+    assert SMD(MLPDenoiser(2, hidden=8, layers=1), identifier="categorical").identifier.grid == 0
+    assert TrainConfig().identifier_grid is None  # SMD's default
+    assert TrainConfig.from_dict({"identifier": "categorical"}).identifier_grid == 0  # a run saved before the grid
+    # a checkpoint saved before the grid existed has no key: it loads with the average, as it was trained
+    torch.manual_seed(0)
+    model = SMD(conv(), latent_dim=4, identifier="categorical", num_components=3, identifier_hidden=8,
+                identifier_grid=0)
+    model.save_pretrained(tmp_path / "old")
+    path = tmp_path / "old" / "smd_config.json"
+    config = json.loads(path.read_text())
+    del config["smd"]["identifier_grid"]
+    path.write_text(json.dumps(config))
+    old = SMD.from_pretrained(tmp_path / "old", denoiser=conv())
+    assert old.identifier.grid == 0
+    x_t, t, eta = torch.randn(4, 1, 8, 8), torch.randint(0, 4, (4,)), torch.randn(4, 3)
+    torch.testing.assert_close(old(x_t, t, eta=eta), model(x_t, t, eta=eta))
+
+
+def test_a_grid_needs_a_categorical_identifier_on_images():
+    from softmix.train import TrainConfig
+
+    with pytest.raises(ValueError, match=r"grid must be >= 0, and 0 for vectors"):
+        CategoricalIdentifier(2, 4, num_components=3, grid=4)
+    with pytest.raises(ValueError, match=r"grid must be >= 0"):
+        CategoricalIdentifier(1, 4, num_components=3, spatial_dims=2, grid=-1)
+    with pytest.raises(ValueError, match="identifier_grid=4 needs identifier='categorical'"):
+        SMD(ConvDenoiser(1, hidden=8, blocks=1, groups=4), identifier_grid=4)
+    with pytest.raises(ValueError, match="identifier_grid=4 needs images"):
+        SMD(MLPDenoiser(2, hidden=8, layers=1), identifier="categorical", identifier_grid=4)
+    with pytest.raises(ValueError, match="identifier_grid must be >= 0, got -1"):
+        TrainConfig(identifier="categorical", identifier_grid=-1).validate()
+    with pytest.raises(ValueError, match="identifier_grid=4 needs identifier='categorical'"):
+        TrainConfig(identifier_grid=4).validate()
+    TrainConfig(smd=False, identifier="categorical", identifier_grid=4).validate()  # compare's plain model
+
+
+def _signal_share_of_the_linear_schedule(num_steps: int) -> torch.Tensor:
+    """``alpha_bar_t`` of DDPM's linear schedule (1000 steps, beta 1e-4 to 0.02) at every
+    ``1000 / num_steps``-th step, in float64: the curve ``NoiseSchedule(num_steps)`` follows."""
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0)[[round((i + 1) * 1000 / num_steps) - 1 for i in range(num_steps)]]
+
+
+@pytest.mark.parametrize("factor", [5.0, 0.5])
+def test_sharpen_trains_the_last_steps_at_a_sharper_posterior_in_float64(factor):
+    k_num, b, temp = 3, 10, 0.7
+    model = _categorical_model(k_num, seed=4)
+    s = NoiseSchedule(10)
+    x0, noise, t = torch.randn(b, 2), torch.randn(b, 2), torch.arange(10)
+    w = torch.rand(b) + 0.5
+    loss = softmix.training_loss(model, s, x0, bound="posterior", temperature=temp, t=t, noise=noise, weight=w,
+                                 sharpen=factor, reduction="none")
+
+    signal = _signal_share_of_the_linear_schedule(10)
+    last = signal >= 0.3
+    assert last.tolist() == [True] * 3 + [False] * 7  # t < 3, the steps measured on digits
+    ref_model = model.double()
+    x_t = s.add_noise(x0.double(), noise.double(), t)
+    with torch.no_grad():
+        e = torch.stack([(ref_model(x_t, t, eta=_forcing_eta(k, k_num, b)) - noise.double()).square().mean(-1)
+                         for k in range(k_num)])
+        log_pi = torch.log_softmax(ref_model.identifier.logits(x_t, t), -1).T
+    prec = step_precision(s, t, 2, "epsilon").double() * torch.where(last, factor, 1.0)
+    expected = -(temp / prec) * torch.log((log_pi.exp() * torch.exp(-prec * w.double() * e / temp)).sum(0))
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-4, atol=1e-6)
+    # the weights learn from the likelihood at the sharpened k_t: T (pi - r) per example
+    model.float()
+    bias = model.identifier.logits_net[-1].bias
+    grad, = torch.autograd.grad(softmix.training_loss(model, s, x0, bound="posterior", temperature=temp, t=t,
+                                                      noise=noise, weight=w, sharpen=factor), bias)
+    r = torch.softmax(log_pi.T - (prec * w.double()).unsqueeze(1) * e.T / temp, -1)
+    torch.testing.assert_close(grad.double(), (temp * (log_pi.T.exp() - r)).mean(0), rtol=1e-4, atol=1e-6)
+    # and with min_signal 0 every step is sharpened
+    every = softmix.training_loss(model, s, x0, bound="posterior", temperature=temp, t=t, noise=noise, weight=w,
+                                  sharpen=factor, sharpen_min_signal=0.0, reduction="none")
+    prec = step_precision(s, t, 2, "epsilon").double() * factor
+    expected = -(temp / prec) * torch.log((log_pi.exp() * torch.exp(-prec * w.double() * e / temp)).sum(0))
+    torch.testing.assert_close(every.double(), expected, rtol=2e-4, atol=1e-6)
+
+
+def test_sharpen_is_refused_where_it_means_nothing(tmp_path, capsys):
+    from softmix.cli import main
+    from softmix.train import TrainConfig
+
+    model, x0 = _categorical_model(3), torch.randn(4, 2)
+    for f in (0.0, -1.0, float("nan"), float("inf"), "five"):
+        with pytest.raises(ValueError, match="sharpen must be a positive number|must be numbers"):
+            softmix.training_loss(model, NoiseSchedule(4), x0, bound="posterior", sharpen=f)
+    for a in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"sharpen_min_signal must be a share of the signal in \[0, 1\]"):
+            softmix.training_loss(model, NoiseSchedule(4), x0, bound="posterior", sharpen=5.0, sharpen_min_signal=a)
+    with pytest.raises(ValueError, match="sharpen applies to the \"posterior\" bound only; this run's bound is 'clean'"):
+        softmix.training_loss(model, NoiseSchedule(4), x0, sharpen=5.0)  # "clean" by default here
+    with pytest.raises(ValueError, match="this run's bound is 'clean'"):
+        TrainConfig(identifier="categorical", sharpen=5.0).validate()
+    TrainConfig(identifier="categorical", bound="posterior", sharpen=5.0).validate()
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path / "run"), "--sharpen", "0"])
+    assert "--sharpen" in capsys.readouterr().err
+
+
+def test_the_command_line_trains_digits_with_the_grid_and_sharpen(tmp_path):
+    from softmix.cli import main
+    from softmix.train import load_trained
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", "digits", "--iters", "2", "--batch-size", "16", "--hidden", "8", "--layers", "1",
+                 "--num-steps", "10", "--identifier", "categorical", "--num-components", "4",
+                 "--prediction-type", "sample", "--bound", "posterior", "--sharpen", "5", "--sharpen-min-signal", "0.5",
+                 "--identifier-grid", "4", "--no-progress", "--out", str(out)]) == 0
+    model, _, cfg, shape = load_trained(out)
+    assert (cfg.sharpen, cfg.sharpen_min_signal, cfg.identifier_grid) == (5.0, 0.5, 4)
+    assert shape == (1, 8, 8) and model.identifier.grid == 4

@@ -36,6 +36,11 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
   ``sigma_t`` divided by ``sqrt(f)``, in training only; the temperature ``1 / f`` without its
   factor on the weights' gradient) and ``sharpbelow`` (S: ``sharp`` on the steps ``t < S`` only;
   0: on every step);
+  ``grid`` (G, with ``cat`` on images: the library's ``SMD(..., identifier_grid=G)``, the
+  features pooled to a G x G grid; at 8x8 with G = 4 the same model as ``idflat``) and ``sharpen``
+  / ``sharpsig`` (f / a, with ``bound=posterior``: the library's ``training_loss(...,
+  sharpen=f, sharpen_min_signal=a)``, ``k_t`` times ``f`` where ``alpha_bar_t >= a``; at T = 10
+  with the default a = 0.3 the steps t < 3, as ``sharp=f,sharpbelow=3``);
   ``ffgate`` (1, with ``idff``: each feature times what the noise of
   ``x_t`` leaves of it, ``exp(-2 pi^2 (1 - alpha_bar_t) |w|^2)``, so that the features are off
   at the noisy steps; implies ``ffsplit``); ``ffsplit`` (1, with ``idff``: the features through
@@ -133,6 +138,9 @@ class Variant:
     idflat: bool = False  # cat, images: the logits from the features at every position, not their mean (exploration)
     sharp: float = 1.0  # cat: k_t times this in training (exploration)
     sharpbelow: int = 0  # sharp: on the steps t < sharpbelow only (0: every step)
+    grid: int = 0  # cat, images: the weights see a G x G grid of positions (SMD's identifier_grid)
+    sharpen: float = 1.0  # bound=posterior: k_t times this where alpha_bar_t >= sharpsig (training_loss's sharpen)
+    sharpsig: float = softmix.loss.SHARPEN_MIN_SIGNAL  # sharpen: training_loss's sharpen_min_signal
     ffgate: bool = False  # idff: each feature damped by its noise at step t, exp(-2 pi^2 (1 - a_t) |w|^2) (exploration)
     ffsplit: bool = False  # idff: the features through a Linear of their own, x_t's as without features (exploration)
     wt: str = ""  # a per-step weight outside the bound: snr1 | snr | min5 (exploration)
@@ -175,9 +183,9 @@ class Variant:
                 raise ValueError(f"unknown variant key {k!r} in {text!r}")
             if k in ("smd", "noeta", "addz", "catlast", "wdiv", "lscale", "idflat", "xnoise", "wcap", "xfit", "ffgate", "ffsplit", "lrcos"):
                 out[k] = v not in ("0", "false", "False", "")
-            elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim", "discrete", "cat", "idff", "floorfrom", "sharpbelow"):
+            elif k in ("M", "latent", "hidden", "layers", "idh", "bs", "ff", "etadim", "discrete", "cat", "idff", "floorfrom", "sharpbelow", "grid"):
                 out[k] = int(v)
-            elif k in ("temp", "minvar", "lr", "klw", "ffs", "winit", "t0frac", "tmid", "iw", "width", "xlast", "ema", "beta2", "spike", "floor", "tail", "sharp"):
+            elif k in ("temp", "minvar", "lr", "klw", "ffs", "winit", "t0frac", "tmid", "iw", "width", "xlast", "ema", "beta2", "spike", "floor", "tail", "sharp", "sharpen", "sharpsig"):
                 out[k] = float(v)
             else:
                 out[k] = v
@@ -198,7 +206,7 @@ def build_model(v: Variant, sample_shape: tuple[int, ...]) -> nn.Module:
             raise ValueError(f"{v.name}: ffsplit and ffgate need idff")
         model = SMD(backbone, latent_dim=v.latent, inject=v.inject, identifier="categorical", num_components=v.cat,
                     identifier_hidden=v.idh or 128, identifier_fourier=0 if split else v.idff,
-                    identifier_fourier_scale=v.ffs)
+                    identifier_fourier_scale=v.ffs, identifier_grid=v.grid)
         if split:
             add_fourier_layer(model.identifier, v.idff, v.ffs)
     else:
@@ -476,7 +484,7 @@ def train(model: nn.Module, v: Variant, schedule: NoiseSchedule, draw_batch, ite
         kw = dict(kl_weight=v.klw, min_variance=v.minvar)
     elif v.smd:
         kw = dict(num_samples=v.M, bound=v.bound, temperature=v.temp, min_variance=v.minvar, clean_width=v.width,
-                  clean_huber=v.tail)
+                  clean_huber=v.tail, sharpen=v.sharpen, sharpen_min_signal=v.sharpsig)
     kw["prediction_type"] = v.pred
     if v.iw:
         kw["weight"] = lambda t: torch.full(t.shape, v.iw)

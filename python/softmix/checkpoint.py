@@ -231,6 +231,7 @@ def load_smd(
         num_components=smd.get("num_components", DEFAULT_NUM_COMPONENTS),
         identifier_fourier=smd.get("identifier_fourier", 0),  # saved before the option: none
         identifier_fourier_scale=smd.get("identifier_fourier_scale", DEFAULT_FOURIER_SCALE),
+        identifier_grid=smd.get("identifier_grid", 0),  # saved before the option: the average
     )
     state = load_tensors(path / WEIGHTS_NAME, map_location=map_location)
     load_state_into(model, state, str(path / WEIGHTS_NAME))

@@ -17,6 +17,8 @@ SMD latent noise ``eta`` and reduces them with ``softmix.ops.mc_loss``:
   is large and the bound assigns each example to the nearest of the ``M`` components (the
   mixture keeps its modes); where it is wide (many steps) ``k_t`` is small and the bound is
   the Jensen bound (the mixture may collapse to the plain model, which is then right).
+  ``sharpen=f`` trains the last steps (``alpha_bar_t >= sharpen_min_signal``) at ``f k_t``, as
+  if their Gaussian were ``f`` times narrower (``sharpened_precision``).
 
 - ``bound="clean"``: the mixture's likelihood of the *clean sample* ``x0`` rather than of the
   step: ``-T log mean_m exp(-c_t w e_m / T)`` with ``c_t = F g_t^2 / (2 s^2)``
@@ -57,9 +59,9 @@ from softmix import ops
 from softmix.schedule import NoiseSchedule
 from softmix.wrap import _unwrap, is_smd, model_output_tensor
 
-__all__ = ["training_loss", "step_precision", "clean_precision", "fit_final_width", "categorical_bound", "DEFAULT_BOUND",
+__all__ = ["training_loss", "step_precision", "sharpened_precision", "clean_precision", "fit_final_width", "categorical_bound", "DEFAULT_BOUND",
            "DEFAULT_CATEGORICAL_BOUND", "DEFAULT_NUM_SAMPLES", "BOUNDS", "DEFAULT_MIN_VARIANCE", "DEFAULT_CLEAN_WIDTH",
-           "DEFAULT_CLEAN_HUBER", "huber_tail"]
+           "DEFAULT_CLEAN_HUBER", "huber_tail", "SHARPEN_MIN_SIGNAL"]
 
 BOUNDS = ("jensen", "logmeanexp", "posterior", "clean")
 # The posterior variance of the last step (x_1 -> x_0) is 0; the "posterior" bound floors the
@@ -77,6 +79,13 @@ DEFAULT_CLEAN_WIDTH = 0.015
 # widths covers 48.5 / 49.0 / 48.3 / 48.7 of 49 modes at T = 4 / 10 / 20 / 50 against 46.8 /
 # 48.2 / 47.5 / 47.2 without, MMD 0.0047-0.0056 against 0.0060-0.0122 (quality.md, "A Huber tail").
 DEFAULT_CLEAN_HUBER = 10.0
+# The "posterior" bound's sharpen: the steps it sharpens are those whose x_t keeps at least this
+# share of the signal, alpha_bar_t, so that they are the same part of any chain. Measured on the
+# 8x8 digits at T = 10 with the steps t < 3 (alpha_bar_t = 0.90, 0.66, 0.40; t = 3: 0.20): with a
+# categorical identifier whose weights see positions (identifier_grid) and sharpen=5, FD 0.72x the
+# plain model's (4 seeds); sharpen=20 was worse (benchmarks/results/quality.md, "Is it the
+# Gaussian's shape or its variance?"). At T = 4 this is the step t = 0 alone (0.52; t = 1: 0.08).
+SHARPEN_MIN_SIGNAL = 0.3
 # The library's recommended configuration, from issue 4's experiments
 # (benchmarks/results/quality.md: 7x7 grid of Gaussians, trained and sampled at T steps,
 # 3 seeds):
@@ -102,7 +111,12 @@ DEFAULT_CLEAN_HUBER = 10.0
 # option, not the default: it needs x0 prediction (with eps or v: 25-28% at T = 10), which the
 # wrapper cannot choose, K of about the number of modes and a width that suits the data; at
 # T = 1000 it needs its weights from Fourier features of x_t (identifier_fourier). On digits it lowers the FD to 0.36x the
-# plain model's at T = 4 but not at T = 10 (1.02x-1.50x, by width).
+# plain model's at T = 4 but not at T = 10 (1.02x-1.50x, by width), with weights from the average
+# of the image over positions; with weights that see a grid of positions (SMD's identifier_grid,
+# now its default for images) it beats the plain model at 4, 10 and 50 steps (softmix.categorical,
+# POSITION_GRID). The "posterior" bound sharpened at the last steps (sharpen=5) with the grid
+# gave 0.72x at T = 10 (4 seeds, 12000 training steps), less than "clean" with the grid; it stays
+# an option (benchmarks/results/quality.md).
 DEFAULT_BOUND = "posterior"
 DEFAULT_NUM_SAMPLES = 16
 DEFAULT_CATEGORICAL_BOUND = "clean"
@@ -149,6 +163,41 @@ def step_precision(
     c = a_prev.sqrt() * beta / (1 - a_t) * _x0_error_per_prediction_error(a_t, prediction_type)
     var = ((1 - a_prev) / (1 - a_t) * beta).clamp(min=min_variance)
     return (features * c.square() / (2 * var)).float()
+
+
+def sharpened_precision(
+    schedule: NoiseSchedule,
+    t: torch.Tensor,
+    precision: torch.Tensor,
+    sharpen: float,
+    min_signal: float = SHARPEN_MIN_SIGNAL,
+) -> torch.Tensor:
+    """``precision (B,)`` times ``sharpen`` at the steps ``t`` where ``alpha_bar_t >= min_signal``.
+
+    A sharper ``k_t`` in the ``"posterior"`` bound trains those steps' components as if the step's
+    Gaussian were narrower: each example counts for the component nearest to it, so the mixture
+    stays spread where a single Gaussian step is furthest from the exact one, at the last steps
+    (8x8 digits, T = 10: KL of the exact step from the plain model's 3.7 and 15.1 nats at t = 2
+    and 1, from the Gaussian at the exact mean 2.6 and 4.8; benchmarks/results/quality.md)."""
+    signal = schedule.alphas_cumprod.to(precision.device)[torch.as_tensor(t, device=precision.device).long()]
+    return torch.where(signal >= min_signal, precision * sharpen, precision)
+
+
+def _checked_sharpen(sharpen: Any, min_signal: Any, bound: str) -> tuple[float, float]:
+    """``(sharpen, min_signal)`` as floats, or a ``ValueError`` naming the first that is out of
+    range: ``sharpen`` positive and finite, and 1 for a ``bound`` other than ``"posterior"``;
+    ``min_signal`` in ``[0, 1]``."""
+    try:
+        factor, signal = float(sharpen), float(min_signal)
+    except (TypeError, ValueError):
+        raise ValueError(f"sharpen and sharpen_min_signal must be numbers, got {sharpen!r}, {min_signal!r}") from None
+    if not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"sharpen must be a positive number (1: off), got {sharpen!r}")
+    if factor != 1 and bound != "posterior":
+        raise ValueError(f"sharpen applies to the \"posterior\" bound only; this run's bound is {bound!r}")
+    if not 0 <= signal <= 1:
+        raise ValueError(f"sharpen_min_signal must be a share of the signal in [0, 1], got {min_signal!r}")
+    return factor, signal
 
 
 def clean_precision(
@@ -300,6 +349,8 @@ def training_loss(
     min_variance: float = DEFAULT_MIN_VARIANCE,
     clean_width: float = DEFAULT_CLEAN_WIDTH,
     clean_huber: float | None = None,
+    sharpen: float = 1.0,
+    sharpen_min_signal: float = SHARPEN_MIN_SIGNAL,
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     eta: torch.Tensor | None = None,
@@ -334,6 +385,9 @@ def training_loss(
             distance from ``x0`` to the components beyond ``h`` widths (``huber_tail``; at
             temperature 1 and weight 1); 0: off; default ``DEFAULT_CLEAN_HUBER`` for the
             ``"clean"`` bound (no other bound takes one).
+        sharpen, sharpen_min_signal: the ``"posterior"`` bound's sharpness ``k_t`` times
+            ``sharpen`` at the steps whose ``alpha_bar_t >= sharpen_min_signal``, the last ones
+            (``sharpened_precision``); 1: off.
         **model_kwargs: passed to the model (``encoder_hidden_states``, ``class_labels``...).
 
     When the only injection point is before the model's last layer (``inject="output"``),
@@ -351,6 +405,7 @@ def training_loss(
     if reduction not in ("mean", "none"):
         raise ValueError(f"unknown reduction {reduction!r}")
     clean_huber = _checked_clean_huber(clean_huber, bound)
+    sharpen, sharpen_min_signal = _checked_sharpen(sharpen, sharpen_min_signal, bound)
     b, device = x0.shape[0], x0.device
     t, x_t, target = noised_batch(schedule, x0, prediction_type, t, noise, generator)
 
@@ -389,6 +444,8 @@ def training_loss(
     k = None
     if bound == "posterior":
         k = step_precision(schedule, t, x0[0].numel(), prediction_type, min_variance).to(device, w_dtype)
+        if sharpen != 1:
+            k = sharpened_precision(schedule, t, k, sharpen, sharpen_min_signal)
     if bound == "clean":  # the logmeanexp bound at x0's sharpness: its value is the likelihood itself
         c = clean_precision(schedule, t, x0[0].numel(), prediction_type, clean_width).to(device, w_dtype)
         bound, w = "logmeanexp", w * c

@@ -61,8 +61,8 @@ from softmix.checkpoint import (
 )
 from softmix.data import load_data
 from softmix.ema import EMA
-from softmix.loss import (DEFAULT_CLEAN_WIDTH, DEFAULT_NUM_SAMPLES, _checked_clean_huber, _checked_clean_width,
-                          default_bound, training_loss)
+from softmix.loss import (DEFAULT_CLEAN_WIDTH, DEFAULT_NUM_SAMPLES, SHARPEN_MIN_SIGNAL, _checked_clean_huber,
+                          _checked_clean_width, _checked_sharpen, default_bound, training_loss)
 from softmix.nets import ConvDenoiser, MLPDenoiser
 from softmix.schedule import DEFAULT_FOCUS_RANGE, NoiseSchedule, _checked_focus, _checked_focus_range
 from softmix.wrap import SMD
@@ -158,6 +158,10 @@ class TrainConfig:
     # the "clean" bound grows linearly beyond this many widths from x0 (softmix.loss.huber_tail;
     # 0: off; None: DEFAULT_CLEAN_HUBER with the "clean" bound)
     clean_huber: float | None = None
+    # the "posterior" bound's k_t times this at the last steps, alpha_bar_t >= sharpen_min_signal
+    # (softmix.loss.sharpened_precision; 1: off)
+    sharpen: float = 1.0
+    sharpen_min_signal: float = SHARPEN_MIN_SIGNAL
     ema_decay: float = 0.995
     seed: int = 0
     hidden: int = 128  # backbone width
@@ -165,6 +169,9 @@ class TrainConfig:
     fourier: int = 64  # vector data: random Fourier features of x_t (0: none); see MLPDenoiser
     fourier_scale: float = 2.0
     identifier_fourier: int = 0  # vector data, categorical identifier: Fourier features for its weights (scale fourier_scale)
+    # images, categorical identifier: its weights see a G x G grid of positions (0: their average;
+    # None: SMD's default, POSITION_GRID for images)
+    identifier_grid: int | None = None
     num_data: int = 20000  # training points drawn from the toy mixtures
     image_size: int = 32  # image folders are resized to this
     channels: int = 3  # image folders: 1 grey, 3 RGB
@@ -184,8 +191,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        # runs saved before Fourier features, or the clean bound's Huber tail, existed had none
-        d = {"fourier": 0, "clean_huber": 0.0, **d}
+        # runs saved before Fourier features, the clean bound's Huber tail, or the identifier's
+        # grid of positions existed had none
+        d = {"fourier": 0, "clean_huber": 0.0, "identifier_grid": 0, **d}
         if "timestep_focus_range" in d:  # a list in JSON
             d["timestep_focus_range"] = tuple(d["timestep_focus_range"])
         return cls(**{k: v for k, v in d.items() if k in names})
@@ -211,9 +219,14 @@ class TrainConfig:
             raise ValueError(f"identifier_fourier must be >= 0, got {self.identifier_fourier}")
         if self.identifier_fourier and self.identifier != "categorical":
             raise ValueError(f"identifier_fourier={self.identifier_fourier} needs identifier='categorical'")
+        if self.identifier_grid is not None and self.identifier_grid < 0:
+            raise ValueError(f"identifier_grid must be >= 0, got {self.identifier_grid}")
+        if self.identifier_grid and self.identifier != "categorical":  # a plain model (compare's) ignores it
+            raise ValueError(f"identifier_grid={self.identifier_grid} needs identifier='categorical'")
         _checked_clean_width(self.clean_width)
         categorical = self.smd and self.identifier == "categorical"
         _checked_clean_huber(self.clean_huber, self.bound or default_bound(categorical))
+        _checked_sharpen(self.sharpen, self.sharpen_min_signal, self.bound or default_bound(categorical))
         if not (self.skip_spikes == 0 or (self.skip_spikes > 1 and math.isfinite(self.skip_spikes))):
             raise ValueError(f"skip_spikes must be 0 (off) or a finite factor > 1, got {self.skip_spikes}")
         try:
@@ -253,7 +266,8 @@ def build_model(cfg: TrainConfig, sample_shape: tuple[int, ...]) -> nn.Module:
                 identifier="categorical" if cfg.identifier == "categorical" else None,
                 num_components=cfg.num_components,
                 identifier_fourier=cfg.identifier_fourier,
-                identifier_fourier_scale=cfg.fourier_scale)
+                identifier_fourier_scale=cfg.fourier_scale,
+                identifier_grid=cfg.identifier_grid)
     if cfg.grad_checkpoint:
         # The recomputation runs in the backward pass, after SMD.forward has cleared the
         # latent its hooks read: a hook inside a recomputed block would modulate in the
@@ -414,7 +428,7 @@ class Trainer:
                 self.forward_model, self.schedule, batch["x0"],
                 num_samples=cfg.num_samples, bound=cfg.bound, temperature=cfg.temperature,
                 clean_width=cfg.clean_width, clean_huber=cfg.clean_huber, prediction_type=cfg.prediction_type,
-                t=batch["t"], noise=batch["noise"], eta=batch.get("eta"),
+                sharpen=cfg.sharpen, sharpen_min_signal=cfg.sharpen_min_signal, t=batch["t"], noise=batch["noise"], eta=batch.get("eta"),
             )
         self.optimizer.zero_grad(set_to_none=True)
         # every rank runs the backward pass, finite or not: DDP's gradient all-reduce is a

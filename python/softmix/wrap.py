@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from softmix.categorical import DEFAULT_FOURIER_SCALE, DEFAULT_NUM_COMPONENTS, CategoricalIdentifier
+from softmix.categorical import DEFAULT_FOURIER_SCALE, DEFAULT_NUM_COMPONENTS, POSITION_GRID, CategoricalIdentifier
 from softmix.head import ConvIdentifier, MLPIdentifier, SMDHead
 
 __all__ = ["SMD", "find_injection_points", "model_output_tensor", "is_smd"]
@@ -192,6 +192,10 @@ class SMD(nn.Module):
         identifier_fourier, identifier_fourier_scale: vectors with ``identifier="categorical"``:
             random Fourier features of ``x_t`` for its weights (``CategoricalIdentifier``'s
             ``fourier``; 0: none). Use ``LONG_CHAIN_FOURIER`` (64) for chains of hundreds of steps.
+        identifier_grid: images with ``identifier="categorical"``: its weights see the features
+            on a ``G``-per-dimension grid of positions rather than their average
+            (``CategoricalIdentifier``'s ``grid``; 0: the average). Default: ``POSITION_GRID``
+            (4) for images, 0 for vectors.
     """
 
     def __init__(
@@ -207,6 +211,7 @@ class SMD(nn.Module):
         num_components: int = DEFAULT_NUM_COMPONENTS,
         identifier_fourier: int = 0,
         identifier_fourier_scale: float = DEFAULT_FOURIER_SCALE,
+        identifier_grid: int | None = None,
     ):
         super().__init__()
         if isinstance(denoiser, SMD):
@@ -245,10 +250,16 @@ class SMD(nn.Module):
             spatial = next(v for k, v in spatial_dims.items() if issubclass(conv_type, k))
         if identifier_fourier and kind != "categorical":
             raise ValueError(f"SMD: identifier_fourier={identifier_fourier} needs identifier='categorical'")
+        if identifier_grid is None:
+            identifier_grid = POSITION_GRID if kind == "categorical" and spatial else 0
+        if identifier_grid and kind != "categorical":
+            raise ValueError(f"SMD: identifier_grid={identifier_grid} needs identifier='categorical'")
+        if identifier_grid and not spatial:
+            raise ValueError(f"SMD: identifier_grid={identifier_grid} needs images (the denoiser's layers are not convolutions)")
         if kind == "categorical":
             identifier = CategoricalIdentifier(in_channels, latent_dim, num_components, hidden=identifier_hidden or 128,
                                                spatial_dims=spatial, fourier=identifier_fourier,
-                                               fourier_scale=identifier_fourier_scale)
+                                               fourier_scale=identifier_fourier_scale, grid=identifier_grid)
             self.noise_channels = num_components
         elif identifier is None:
             if self._image:
@@ -270,7 +281,7 @@ class SMD(nn.Module):
         if kind == "categorical":
             self.smd_config.update(identifier="categorical", num_components=num_components,
                                    identifier_fourier=identifier_fourier,
-                                   identifier_fourier_scale=identifier_fourier_scale)
+                                   identifier_fourier_scale=identifier_fourier_scale, identifier_grid=identifier_grid)
         # log pi_k(x_t, t) (B, K) of the last forward(..., components=True): training_loss reads it
         self.last_log_weights: torch.Tensor | None = None
         self._latent: torch.Tensor | None = None
