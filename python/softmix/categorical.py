@@ -79,8 +79,9 @@ class CategoricalIdentifier(nn.Module):
         grid: images only: ``G > 0``: the convolutions' features are pooled to a ``G`` per
             spatial dimension grid (``G x G`` for 2-D) and flattened through one Linear, so
             that the weights see where the strokes are; 0: averaged over positions.
-            ``POSITION_GRID`` (4), ``SMD``'s default for images, is what was measured. It adds ``hidden^2 G^spatial_dims``
-            parameters (262k for 2-D at the default width 128 and G = 4) whatever the image size.
+            ``POSITION_GRID`` (4), ``SMD``'s default for images, is what was measured. It adds
+            ``hidden^2 G^spatial_dims`` parameters (262k for 2-D at the default width 128 and
+            G = 4) whatever the image size.
     """
 
     supports_fanout = True  # eta may hold M samples per example of x_t: (M * B, K)

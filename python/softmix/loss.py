@@ -59,9 +59,9 @@ from softmix import ops
 from softmix.schedule import NoiseSchedule
 from softmix.wrap import _unwrap, is_smd, model_output_tensor
 
-__all__ = ["training_loss", "step_precision", "sharpened_precision", "clean_precision", "fit_final_width", "categorical_bound", "DEFAULT_BOUND",
-           "DEFAULT_CATEGORICAL_BOUND", "DEFAULT_NUM_SAMPLES", "BOUNDS", "DEFAULT_MIN_VARIANCE", "DEFAULT_CLEAN_WIDTH",
-           "DEFAULT_CLEAN_HUBER", "huber_tail", "SHARPEN_MIN_SIGNAL"]
+__all__ = ["training_loss", "step_precision", "sharpened_precision", "clean_precision", "fit_final_width",
+           "categorical_bound", "DEFAULT_BOUND", "DEFAULT_CATEGORICAL_BOUND", "DEFAULT_NUM_SAMPLES", "BOUNDS",
+           "DEFAULT_MIN_VARIANCE", "DEFAULT_CLEAN_WIDTH", "DEFAULT_CLEAN_HUBER", "huber_tail", "SHARPEN_MIN_SIGNAL"]
 
 BOUNDS = ("jensen", "logmeanexp", "posterior", "clean")
 # The posterior variance of the last step (x_1 -> x_0) is 0; the "posterior" bound floors the

@@ -255,7 +255,8 @@ class SMD(nn.Module):
         if identifier_grid and kind != "categorical":
             raise ValueError(f"SMD: identifier_grid={identifier_grid} needs identifier='categorical'")
         if identifier_grid and not spatial:
-            raise ValueError(f"SMD: identifier_grid={identifier_grid} needs images (the denoiser's layers are not convolutions)")
+            raise ValueError(f"SMD: identifier_grid={identifier_grid} needs images "
+                             "(the denoiser's layers are not convolutions)")
         if kind == "categorical":
             identifier = CategoricalIdentifier(in_channels, latent_dim, num_components, hidden=identifier_hidden or 128,
                                                spatial_dims=spatial, fourier=identifier_fourier,
