@@ -52,7 +52,7 @@ DEFAULT_FOURIER_SCALE = 2.0
 # reaches 44% at t = 2 with the average against the exact posterior's 75%, and 70% with the
 # positions kept. With the "clean" bound, the grid lowered the digits' FD from 27.9 to 13.4 at
 # 4 steps (3 seeds; the plain model: 97.2), from 16.6 (seed 0) to 6.6 at 10 steps (4 seeds, 6000
-# training steps; plain 18.4) and from 37.6 to 8.9 at 50 steps (seed 0; plain 12.8), for 262k more
+# training steps; plain 18.4) and from 37.6 (seed 0) to 9.9 at 50 steps (2 seeds; plain 13.9), for 262k more
 # parameters at the default width (benchmarks/results/quality.md, "Weights that see positions").
 # 4 x 4 is what was measured: the 8x8 digits' own grid after the stride-2 convolution.
 POSITION_GRID = 4
