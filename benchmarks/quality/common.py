@@ -31,7 +31,8 @@ A *variant* is written as ``name`` or ``name:key=value,key=value`` on the comman
   identifier's logits see ``n`` random Fourier features of ``x_t``, at the backbone's scale
   ``ffs``, as the backbone does: ``SMD(..., identifier_fourier=n)``; 0, the default: ``x_t``
   alone; vectors only); ``idflat`` (1, with ``cat`` on images: the logits from the identifier's
-  features at every position, flattened through one Linear, not averaged over positions);
+  features at every position, flattened through one Linear, not averaged over positions: the
+  library's ``identifier_grid`` at the features' own size, 4 on 8x8);
   ``sharp`` (f, with ``cat``: the step's sharpness ``k_t`` times ``f``, the components' width
   ``sigma_t`` divided by ``sqrt(f)``, in training only; the temperature ``1 / f`` without its
   factor on the weights' gradient) and ``sharpbelow`` (S: ``sharp`` on the steps ``t < S`` only;
@@ -97,7 +98,7 @@ from softmix import SMD, NoiseSchedule
 from softmix.nets import ConvDenoiser, FourierFeatures, MLPDenoiser
 from softmix.categorical import CategoricalIdentifier
 from softmix.head import SMDHead, timestep_embedding
-from softmix.loss import categorical_bound, gradient_scaled, noised_batch, step_precision
+from softmix.loss import categorical_bound, gradient_scaled, noised_batch, sharpened_precision, step_precision
 from softmix.metrics import mixture_metrics
 from softmix.posterior import PosteriorEncoder, elbo_loss
 from softmix.train import SpikeFilter
@@ -200,13 +201,18 @@ def build_model(v: Variant, sample_shape: tuple[int, ...]) -> nn.Module:
         backbone = ConvDenoiser(sample_shape[0], hidden=v.hidden, blocks=v.layers, groups=math.gcd(8, v.hidden))
     if not v.smd:
         return backbone
+    grid = v.grid
+    if v.idflat:
+        if not v.cat or len(sample_shape) == 1 or v.grid:
+            raise ValueError(f"{v.name}: idflat needs cat and images, and no grid")
+        grid = (sample_shape[-1] + 1) // 2  # every position after the stride-2 conv (square images)
     if v.cat:
         split = v.ffsplit or v.ffgate
         if split and not v.idff:
             raise ValueError(f"{v.name}: ffsplit and ffgate need idff")
         model = SMD(backbone, latent_dim=v.latent, inject=v.inject, identifier="categorical", num_components=v.cat,
                     identifier_hidden=v.idh or 128, identifier_fourier=0 if split else v.idff,
-                    identifier_fourier_scale=v.ffs, identifier_grid=v.grid)
+                    identifier_fourier_scale=v.ffs, identifier_grid=grid)
         if split:
             add_fourier_layer(model.identifier, v.idff, v.ffs)
     else:
@@ -217,10 +223,6 @@ def build_model(v: Variant, sample_shape: tuple[int, ...]) -> nn.Module:
             add_latent_bias(head)
     if v.lscale:
         add_logit_scale(model.identifier)
-    if v.idflat:
-        if not v.cat or len(sample_shape) == 1:
-            raise ValueError(f"{v.name}: idflat needs cat and images")
-        add_flat_logits(model.identifier, sample_shape)
     if v.winit:  # exploration: components differ from the first step (no symmetry to break)
         for head in model.heads:
             nn.init.normal_(head.w_out.weight, std=v.winit)
@@ -345,8 +347,9 @@ def categorical_loss(model: SMD, schedule: NoiseSchedule, x0: torch.Tensor, gen:
     pred = model(x_t, t, components=True).reshape(num, *x0.shape)
     log_pi, w = model.last_log_weights.T, torch.ones(b)
     k = precision(schedule, t, x0[0].numel(), prediction_type, min_variance).float()
-    if sharp != 1.0:
-        k = torch.where((t < sharp_below) if sharp_below else torch.ones_like(t, dtype=torch.bool), k * sharp, k)
+    if sharp != 1.0:  # t < S is alpha_bar_t >= alpha_bar_{S-1} (alpha_bar falls with t)
+        min_signal = float(schedule.alphas_cumprod[sharp_below - 1]) if sharp_below else 0.0
+        k = sharpened_precision(schedule, t, k, sharp, min_signal)
     # as training_loss, unless weights_divided: the weights' gradient that of the likelihood
     mixture_log_pi = log_pi if weights_divided else gradient_scaled(log_pi, k)
     mixture = categorical_bound(pred, target, mixture_log_pi, w, "posterior", precision=k)
@@ -383,25 +386,6 @@ def add_logit_scale(identifier: CategoricalIdentifier) -> None:
     identifier.log_scale = nn.Linear(identifier.time_dim, 1)
     nn.init.zeros_(identifier.log_scale.weight)
     nn.init.zeros_(identifier.log_scale.bias)
-
-
-class FlatLogitsIdentifier(CategoricalIdentifier):
-    """Exploration (``idflat``): the image logits from the features at every position, flattened
-    through one Linear, where the library averages them over positions. The average keeps which
-    strokes an image has but not where: a net of the library's shape trained to tell the digit
-    class from ``x_t`` (T = 10) reaches 44% at t = 2 against the exact posterior's 75%, and with
-    the positions kept 70%."""
-
-    def logits(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        h = self.flat_proj(self.features(x_t).flatten(1))
-        return self.logits_net(h + self.time(timestep_embedding(t, self.time_dim).to(h.dtype)))
-
-
-def add_flat_logits(identifier: CategoricalIdentifier, sample_shape: tuple[int, ...]) -> None:
-    identifier.__class__ = FlatLogitsIdentifier  # a class, so that deepcopy (EMA) keeps it
-    hidden = identifier.time.out_features
-    positions = math.prod((s + 1) // 2 for s in sample_shape[1:])  # after the stride-2 conv
-    identifier.flat_proj = nn.Linear(hidden * positions, hidden)
 
 
 class SplitFourierIdentifier(CategoricalIdentifier):

@@ -35,7 +35,7 @@ from softmix.data import digits  # noqa: E402
 
 class ClassProbe(nn.Module):
     """The identifier's image network (``CategoricalIdentifier``, ``spatial_dims=2``) with 10
-    outputs; ``pool=False`` keeps the positions (``common.FlatLogitsIdentifier``)."""
+    outputs; ``pool=False`` keeps the positions (``identifier_grid`` at the features' own size)."""
 
     def __init__(self, pool: bool, hidden: int = 128, positions: int = 16):
         super().__init__()

@@ -428,7 +428,8 @@ class Trainer:
                 self.forward_model, self.schedule, batch["x0"],
                 num_samples=cfg.num_samples, bound=cfg.bound, temperature=cfg.temperature,
                 clean_width=cfg.clean_width, clean_huber=cfg.clean_huber, prediction_type=cfg.prediction_type,
-                sharpen=cfg.sharpen, sharpen_min_signal=cfg.sharpen_min_signal, t=batch["t"], noise=batch["noise"], eta=batch.get("eta"),
+                sharpen=cfg.sharpen, sharpen_min_signal=cfg.sharpen_min_signal,
+                t=batch["t"], noise=batch["noise"], eta=batch.get("eta"),
             )
         self.optimizer.zero_grad(set_to_none=True)
         # every rank runs the backward pass, finite or not: DDP's gradient all-reduce is a
